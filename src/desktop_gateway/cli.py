@@ -1,0 +1,113 @@
+"""The ``desktop-gateway`` command: serve, db upgrade, doctor, api-key create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from desktop_gateway import __version__
+from desktop_gateway.desktop_types import DesktopTypesError, load_desktop_types
+from desktop_gateway.logs import setup_logging
+from desktop_gateway.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("desktop_gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desktop-gateway",
+        description="A full Linux desktop in the browser for every student and teacher. "
+        "Configured with DESKTOP_GATEWAY_* environment variables (see the README).",
+    )
+    parser.add_argument("--version", action="version", version=f"desktop-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser("upgrade", help="bring the database schema up to date")
+
+    commands.add_parser("doctor", help="check the configuration, database, Docker and running desktops")
+
+    api_key = commands.add_parser("api-key", help="portal API keys")
+    key_commands = api_key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
+    create = key_commands.add_parser("create", help="create a key and print it (once)")
+    create.add_argument("name", help="what the key is for, e.g. iserv-portal")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        load_desktop_types(settings.desktop_types_file)
+    except (SettingsError, DesktopTypesError) as exc:
+        print(f"desktop-gateway: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    if args.command == "serve":
+        from desktop_gateway.serve import serve
+
+        return serve(settings, host=args.host, port=args.port, workers=args.workers)
+    if args.command == "db":
+        return asyncio.run(_db_upgrade(settings))
+    if args.command == "doctor":
+        from desktop_gateway.doctor import doctor
+
+        return asyncio.run(doctor(settings))
+    return asyncio.run(_create_api_key(settings, args.name))
+
+
+async def _db_upgrade(settings: Settings) -> int:
+    from desktop_gateway.db import schema
+    from desktop_gateway.db.engine import create_engine
+
+    engine = create_engine(settings.database_url.reveal())
+    try:
+        before = await schema.schema_status(engine)
+        after = await schema.upgrade(engine)
+    finally:
+        await engine.dispose()
+    if before.current == after.current:
+        print(f"The database {settings.database_url_for_display} is up to date (revision {after.current}).")
+    else:
+        print(
+            f"Upgraded {settings.database_url_for_display} from revision {before.current or 'none'} "
+            f"to {after.current}."
+        )
+    return 0
+
+
+async def _create_api_key(settings: Settings, name: str) -> int:
+    from desktop_gateway import apikeys
+    from desktop_gateway.db.engine import create_engine, session_factory
+    from desktop_gateway.gateway import SchemaOutdated, prepare_database
+
+    engine = create_engine(settings.database_url.reveal())
+    try:
+        await prepare_database(settings, engine)
+        async with session_factory(engine)() as db:
+            key = await apikeys.create_api_key(db, name)
+            await db.commit()
+    except SchemaOutdated as exc:
+        print(f"desktop-gateway: {exc}", file=sys.stderr)
+        return 2
+    except apikeys.ApiKeyNameError as exc:
+        print(f"desktop-gateway: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await engine.dispose()
+    print(key)
+    print(
+        f"This is the only time the key {name!r} is shown: give it to the portal now "
+        "(Authorization: Bearer <key>).",
+        file=sys.stderr,
+    )
+    return 0

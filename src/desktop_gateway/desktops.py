@@ -1,0 +1,249 @@
+"""Desktop use cases: request, look up, stop. No web framework here; callers pass a database session.
+
+A user has at most one desktop per desktop type (a unique constraint), so requesting it again, even twice
+at once, gives the same desktop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import uuid
+from collections.abc import Mapping
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from desktop_gateway.db.models import Desktop, DesktopState, DesktopTypeRow, User, utcnow
+from desktop_gateway.desktop_types import DesktopType
+from desktop_gateway.upstream import Target
+
+USERNAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+class DesktopError(Exception):
+    """A request the use cases refuse; ``status`` is the HTTP status a web caller should answer with."""
+
+    status = 400
+    title = "Bad request"
+
+
+class InvalidUser(DesktopError):
+    status = 422
+    title = "Invalid user name"
+
+
+class UnknownDesktopType(DesktopError):
+    status = 422
+    title = "Unknown desktop type"
+
+
+class DesktopNotFound(DesktopError):
+    status = 404
+    title = "Desktop not found"
+
+
+class TypeUnavailable(DesktopError):
+    status = 503
+    title = "Desktop type unavailable"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DesktopView:
+    """What the API shows of a desktop: never its credentials or where it runs."""
+
+    id: str
+    name: str
+    user: str
+    desktop_type: str
+    state: DesktopState
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    failure_reason: str | None
+
+    @classmethod
+    def of(cls, desktop: Desktop, username: str) -> DesktopView:
+        return cls(
+            id=desktop.id,
+            name=desktop.name,
+            user=username,
+            desktop_type=desktop.desktop_type,
+            state=DesktopState(desktop.state),
+            created_at=desktop.created_at,
+            started_at=desktop.started_at,
+            failure_reason=desktop.failure_reason,
+        )
+
+
+def normalise_username(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise InvalidUser("user must be a string")
+    username = raw.strip().lower()
+    if not USERNAME.match(username):
+        raise InvalidUser(
+            "user must be 1-64 characters: letters, digits, dots, dashes or underscores, "
+            "starting and ending with a letter or digit"
+        )
+    return username
+
+
+async def sync_desktop_types(db: AsyncSession, types: Mapping[str, DesktopType]) -> None:
+    """Record the configured types so desktops can reference them; types removed from the file stay."""
+    existing = {row.name: row for row in (await db.execute(select(DesktopTypeRow))).scalars()}
+    for t in types.values():
+        row = existing.get(t.name)
+        if row is None:
+            db.add(DesktopTypeRow(name=t.name, title=t.title, image=t.image, endpoint=t.endpoint))
+        elif (row.title, row.image, row.endpoint) != (t.title, t.image, t.endpoint):
+            row.title, row.image, row.endpoint, row.updated_at = t.title, t.image, t.endpoint, utcnow()
+
+
+async def ensure_user(db: AsyncSession, username: str) -> User:
+    user = (await db.execute(select(User).where(User.username == username))).scalar_one_or_none()
+    if user is not None:
+        return user
+    try:
+        async with db.begin_nested():
+            user = User(username=username)
+            db.add(user)
+    except IntegrityError:
+        # Created concurrently by another request: use that one.
+        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
+    return user
+
+
+async def request_desktop(
+    db: AsyncSession, types: Mapping[str, DesktopType], raw_user: object, type_name: object
+) -> tuple[DesktopView, bool]:
+    """Start (or find) ``raw_user``'s desktop of ``type_name``; return it and whether it was already running.
+
+    The caller commits.
+    """
+    username = normalise_username(raw_user)
+    desktop_type = types.get(type_name) if isinstance(type_name, str) else None
+    if desktop_type is None:
+        known = ", ".join(sorted(types)) or "none are configured"
+        raise UnknownDesktopType(f"desktop_type must be one of the configured types ({known})")
+    if not desktop_type.is_static:
+        raise TypeUnavailable(
+            f"desktop type {desktop_type.name!r} runs a container image, and this gateway has no container "
+            "runtime configured; use a type with an endpoint"
+        )
+    user = await ensure_user(db, username)
+    desktop = await _find(db, user.id, desktop_type.name)
+    if desktop is None:
+        desktop = await _create(db, user, desktop_type)
+    already_running = desktop.state == DesktopState.RUNNING
+    if not already_running:
+        _mark_running_static(desktop, desktop_type)
+    return DesktopView.of(desktop, username), already_running
+
+
+async def _find(db: AsyncSession, user_id: int, type_name: str) -> Desktop | None:
+    query = select(Desktop).where(Desktop.user_id == user_id, Desktop.desktop_type == type_name)
+    return (await db.execute(query)).scalar_one_or_none()
+
+
+async def _create(db: AsyncSession, user: User, desktop_type: DesktopType) -> Desktop:
+    desktop_id = uuid.uuid4().hex
+    name = f"{user.username}-{desktop_type.name}"
+    if (await db.execute(select(Desktop.id).where(Desktop.name == name))).first() is not None:
+        # "a-b" + "c" and "a" + "b-c" meet at "a-b-c": keep names unique without refusing anyone.
+        name = f"{name}-{desktop_id[:6]}"
+    desktop = Desktop(
+        id=desktop_id,
+        name=name,
+        user_id=user.id,
+        desktop_type=desktop_type.name,
+        state=DesktopState.STARTING.value,
+    )
+    try:
+        async with db.begin_nested():
+            db.add(desktop)
+    except IntegrityError:
+        # The same user and type requested concurrently: the other request's row wins.
+        existing = await _find(db, user.id, desktop_type.name)
+        if existing is None:
+            raise
+        return existing
+    return desktop
+
+
+def _mark_running_static(desktop: Desktop, desktop_type: DesktopType) -> None:
+    desktop.state = DesktopState.RUNNING.value
+    desktop.endpoint = desktop_type.endpoint
+    desktop.vnc_username = desktop_type.username
+    desktop.vnc_password = desktop_type.password
+    desktop.failure_reason = None
+    desktop.started_at = utcnow()
+    desktop.stopped_at = None
+
+
+async def get_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
+    row = (
+        await db.execute(
+            select(Desktop, User.username)
+            .join(User, User.id == Desktop.user_id)
+            .where(Desktop.id == desktop_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise DesktopNotFound(f"there is no desktop with id {desktop_id!r}")
+    return DesktopView.of(row[0], row[1])
+
+
+async def list_desktops(db: AsyncSession, raw_user: object | None = None) -> list[DesktopView]:
+    query = select(Desktop, User.username).join(User, User.id == Desktop.user_id).order_by(Desktop.created_at)
+    if raw_user is not None:
+        query = query.where(User.username == normalise_username(raw_user))
+    return [DesktopView.of(d, u) for d, u in (await db.execute(query)).all()]
+
+
+async def stop_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
+    """Mark the desktop stopped; the caller commits and then ends its relays."""
+    row = (
+        await db.execute(
+            select(Desktop, User.username)
+            .join(User, User.id == Desktop.user_id)
+            .where(Desktop.id == desktop_id)
+        )
+    ).one_or_none()
+    if row is None:
+        raise DesktopNotFound(f"there is no desktop with id {desktop_id!r}")
+    desktop, username = row
+    if desktop.state != DesktopState.STOPPED:
+        desktop.state = DesktopState.STOPPED.value
+        desktop.stopped_at = utcnow()
+    return DesktopView.of(desktop, username)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayTarget:
+    desktop_id: str
+    name: str
+    owner_id: int
+    state: DesktopState
+    target: Target | None
+
+
+async def find_by_name(db: AsyncSession, name: str) -> RelayTarget | None:
+    desktop = (await db.execute(select(Desktop).where(Desktop.name == name))).scalar_one_or_none()
+    if desktop is None:
+        return None
+    target = None
+    if desktop.endpoint is not None:
+        target = Target(url=desktop.endpoint, username=desktop.vnc_username, password=desktop.vnc_password)
+    return RelayTarget(desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target)
+
+
+async def is_running(db: AsyncSession, desktop_id: str) -> bool:
+    state = (await db.execute(select(Desktop.state).where(Desktop.id == desktop_id))).scalar_one_or_none()
+    return state == DesktopState.RUNNING
+
+
+async def touch(db: AsyncSession, desktop_id: str, when: dt.datetime) -> None:
+    desktop = await db.get(Desktop, desktop_id)
+    if desktop is not None and (desktop.last_activity_at is None or desktop.last_activity_at < when):
+        desktop.last_activity_at = when

@@ -1,0 +1,104 @@
+"""The shared state of one gateway process, built at start-up and torn down at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import weakref
+from collections.abc import AsyncIterator
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from desktop_gateway import closepolicy
+from desktop_gateway.audit import AuditLog
+from desktop_gateway.db import schema
+from desktop_gateway.db.engine import create_engine, session_factory
+from desktop_gateway.desktop_types import DesktopType, load_desktop_types
+from desktop_gateway.desktops import sync_desktop_types
+from desktop_gateway.identity import SessionCodec
+from desktop_gateway.launch import LaunchTokens
+from desktop_gateway.relayhub import RelayHub
+from desktop_gateway.settings import Settings
+
+log = logging.getLogger("desktop_gateway")
+
+# Gateways alive in this process, so that the server can tell their relays it is going away before it
+# closes connections itself (uvicorn would otherwise close them with 1012 before the lifespan ends).
+_LIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
+
+
+class SchemaOutdated(Exception):
+    pass
+
+
+@dataclasses.dataclass(eq=False)
+class Gateway:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    desktop_types: dict[str, DesktopType]
+    codec: SessionCodec
+    launch_tokens: LaunchTokens
+    hub: RelayHub
+    audit: AuditLog
+
+    async def going_away(self, grace: float = 5.0) -> None:
+        """Close every relay with 1001 and wait (at most ``grace`` seconds) for them to finish."""
+        if self.hub.stop_all(closepolicy.GATEWAY_GOING_AWAY) == 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hub.wait_empty(), timeout=grace)
+
+
+async def prepare_database(settings: Settings, engine: AsyncEngine) -> None:
+    """Refuse an outdated schema, except in the embedded database, which the gateway owns and upgrades."""
+    status = await schema.schema_status(engine)
+    if status.up_to_date:
+        return
+    if settings.embedded_database:
+        log.info(
+            "upgrading the embedded database %s to revision %s",
+            settings.database_url_for_display,
+            status.head,
+        )
+        await schema.upgrade(engine)
+        return
+    raise SchemaOutdated(status.explain())
+
+
+@contextlib.asynccontextmanager
+async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    types = load_desktop_types(settings.desktop_types_file)
+    engine = create_engine(settings.database_url.reveal())
+    try:
+        await prepare_database(settings, engine)
+        sessions = session_factory(engine)
+        async with sessions() as db:
+            await sync_desktop_types(db, types)
+            await db.commit()
+        gateway = Gateway(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            desktop_types=types,
+            codec=SessionCodec(settings.secret_key.reveal(), settings.session_max_age),
+            launch_tokens=LaunchTokens(settings.secret_key.reveal(), settings.launch_token_max_age),
+            hub=RelayHub(),
+            audit=AuditLog(sessions),
+        )
+        gateway.audit.start()
+        _LIVE.add(gateway)
+        try:
+            yield gateway
+        finally:
+            _LIVE.discard(gateway)
+            await gateway.going_away()
+            await gateway.audit.close()
+    finally:
+        await engine.dispose()
+
+
+async def all_going_away() -> None:
+    await asyncio.gather(*(g.going_away() for g in list(_LIVE)))

@@ -1,0 +1,143 @@
+"""``desktop-gateway serve``: uvicorn with the settings a relay needs, in one or several worker processes.
+
+Two things differ from plain ``uvicorn``: at shutdown every relay is first closed with 1001 and a
+sentence (uvicorn alone would drop browsers with a bare 1012), and the schema is checked or upgraded
+once, in the parent, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+
+from desktop_gateway import __version__
+from desktop_gateway.browserws import BrowserWebSocketProtocol
+from desktop_gateway.db.engine import create_engine
+from desktop_gateway.desktop_types import load_desktop_types
+from desktop_gateway.gateway import SchemaOutdated, all_going_away, prepare_database
+from desktop_gateway.settings import Settings
+
+log = logging.getLogger("desktop_gateway")
+
+
+class GatewayServer(uvicorn.Server):
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        await all_going_away()
+        await super().shutdown(sockets)
+
+
+def uvicorn_config(host: str, port: int, workers: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        "desktop_gateway.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        log_level=log_level.lower(),
+        proxy_headers=True,
+        forwarded_allow_ips="127.0.0.1,::1",
+        ws=BrowserWebSocketProtocol,
+        ws_per_message_deflate=False,  # the RFB stream is already compressed; deflate only costs CPU
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=10,
+    )
+
+
+async def _prepare(settings: Settings) -> None:
+    engine = create_engine(settings.database_url.reveal())
+    try:
+        await prepare_database(settings, engine)
+    finally:
+        await engine.dispose()
+
+
+def _announce(settings: Settings, host: str, port: int, workers: int) -> None:
+    types = load_desktop_types(settings.desktop_types_file)
+    log.info(
+        "desktop-gateway %s starting on http://%s:%d with %d worker(s)", __version__, host, port, workers
+    )
+    log.info(
+        "database: %s%s",
+        settings.database_url_for_display,
+        " (embedded default: set DESKTOP_GATEWAY_DATABASE_URL for PostgreSQL)"
+        if settings.embedded_database
+        else "",
+    )
+    log.info("secret key: %s", settings.secret_key_source)
+    log.info("docker: %s; desktops are dialled at %s", settings.docker_url, settings.container_host)
+    if types:
+        log.info("desktop types from %s: %s", settings.desktop_types_file, ", ".join(sorted(types)))
+    else:
+        log.warning(
+            "no desktop types configured: set DESKTOP_GATEWAY_DESKTOP_TYPES to a TOML file "
+            "(see desktop-types.example.toml)"
+        )
+    if settings.public_url is None:
+        log.warning(
+            "DESKTOP_GATEWAY_PUBLIC_URL is not set: launch links and the Origin check use the "
+            "address each request came to; set it to the address students use"
+        )
+
+
+def serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    _announce(settings, host, port, workers)
+    try:
+        asyncio.run(_prepare(settings))
+    except SchemaOutdated as exc:
+        print(f"desktop-gateway: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn_config(host, port, workers, settings.log_level)
+    if workers <= 1:
+        GatewayServer(config).run()
+        return 0
+    return _supervise(config, workers)
+
+
+def _worker(config: uvicorn.Config, sock: socket.socket) -> None:
+    GatewayServer(config).run(sockets=[sock])
+
+
+def _supervise(config: uvicorn.Config, workers: int) -> int:
+    """Run ``workers`` processes on one listening socket; restart any that dies; stop all on a signal."""
+    sock = config.bind_socket()
+    context = multiprocessing.get_context("spawn")
+    processes: list[multiprocessing.process.BaseProcess] = []
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_worker, args=(config, sock), daemon=False)
+        process.start()
+        return process
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    processes.extend(start() for _ in range(workers))
+    while not stopping:
+        multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
+        for i, process in enumerate(processes):
+            if not stopping and process.exitcode is not None:
+                log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                processes[i] = start()
+    for process in processes:
+        process.join()
+    sock.close()
+    return 0

@@ -1,0 +1,223 @@
+"""Settings from ``DESKTOP_GATEWAY_*`` environment variables.
+
+Built by :func:`load_settings` from a mapping (``os.environ`` in production, a dict in tests); nothing is
+read at import time. Every problem is collected and reported at once, each naming its variable, so an admin
+fixes a broken deployment in one round instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+PREFIX = "DESKTOP_GATEWAY_"
+DEFAULT_SQLITE_FILE = "desktop-gateway.db"
+DEFAULT_SECRET_FILE = "desktop-gateway.secret"  # noqa: S105 (a file name)
+DEFAULT_TYPES_FILE = "desktop-types.toml"
+
+
+class SettingsError(Exception):
+    """The environment does not describe a usable configuration; the message says what to change."""
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or logs; call :meth:`reveal` where it is used."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: Secret
+    secret_key: Secret
+    secret_key_source: str
+    docker_url: str
+    container_host: str
+    port_range: tuple[int, int]
+    desktop_types_file: Path | None
+    public_url: str | None
+    session_max_age: int
+    launch_token_max_age: int
+    upstream_connect_timeout: float
+    log_level: str
+    embedded_database: bool
+
+    @property
+    def database_url_for_display(self) -> str:
+        """The database URL with any password masked, for log lines and ``doctor``."""
+        return make_url(self.database_url.reveal()).render_as_string(hide_password=True)
+
+    @property
+    def public_origin(self) -> str | None:
+        """``scheme://host[:port]`` of :attr:`public_url`, the only Origin a browser may come from."""
+        if self.public_url is None:
+            return None
+        parts = urlsplit(self.public_url)
+        return f"{parts.scheme}://{parts.netloc}".lower()
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url is not None and self.public_url.startswith("https://")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, errors: list[str], minimum: int = 1) -> int:
+    raw = env.get(PREFIX + name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        errors.append(f"{PREFIX}{name}: expected a whole number, got {raw!r}")
+        return default
+    if value < minimum:
+        errors.append(f"{PREFIX}{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _port_range(raw: str, errors: list[str]) -> tuple[int, int]:
+    low_s, sep, high_s = raw.partition("-")
+    try:
+        low, high = int(low_s), int(high_s)
+    except ValueError:
+        low = high = 0
+    if not sep or not (1024 <= low <= high <= 65535):
+        errors.append(
+            f"{PREFIX}PORT_RANGE: expected two ports from 1024 to 65535 like 7000-8000, got {raw!r}"
+        )
+        return (7000, 8000)
+    return (low, high)
+
+
+def _secret_key(env: Mapping[str, str], workdir: Path, errors: list[str]) -> tuple[Secret, str]:
+    """The configured key, else one generated once and kept in the working directory.
+
+    Kept in a file (created exclusively, mode 0600) so that restarts and sibling worker processes agree on
+    it: a new key on every start would sign every student out.
+    """
+    raw = env.get(PREFIX + "SECRET_KEY", "")
+    if raw:
+        if len(raw) < 32:
+            errors.append(
+                f"{PREFIX}SECRET_KEY: must be at least 32 characters; generate one with "
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`"
+            )
+        return Secret(raw), "environment"
+    path = workdir / DEFAULT_SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        value = path.read_text().strip()
+        if len(value) < 32:
+            errors.append(f"{path}: the kept secret key is damaged; delete the file to generate a new one")
+        return Secret(value), f"kept in {path}"
+    except OSError as exc:
+        errors.append(f"{PREFIX}SECRET_KEY is not set and {path} cannot be created ({exc.strerror})")
+        return Secret(""), "missing"
+    value = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return Secret(value), f"generated and kept in {path}"
+
+
+def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default ``os.environ``); raise :class:`SettingsError`."""
+    env = os.environ if env is None else env
+    workdir = Path.cwd() if workdir is None else workdir
+    errors: list[str] = []
+
+    raw_db = env.get(PREFIX + "DATABASE_URL", "")
+    embedded = not raw_db
+    if embedded:
+        raw_db = f"sqlite+aiosqlite:///{workdir / DEFAULT_SQLITE_FILE}"
+    try:
+        url = make_url(raw_db)
+        if url.drivername in ("postgresql", "postgres"):
+            raw_db = url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        elif url.drivername == "sqlite":
+            raw_db = url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+        elif url.drivername not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+            errors.append(
+                f"{PREFIX}DATABASE_URL: use postgresql+asyncpg://... or sqlite+aiosqlite:///..., "
+                f"got the driver {url.drivername!r}"
+            )
+    except ArgumentError:
+        errors.append(
+            f"{PREFIX}DATABASE_URL: not a database URL (expected postgresql+asyncpg://user:pw@host/db)"
+        )
+
+    secret_key, secret_source = _secret_key(env, workdir, errors)
+
+    types_raw = env.get(PREFIX + "DESKTOP_TYPES", "")
+    types_file: Path | None
+    if types_raw:
+        types_file = Path(types_raw)
+        if not types_file.is_file():
+            errors.append(f"{PREFIX}DESKTOP_TYPES: no such file {types_raw!r}")
+    else:
+        candidate = workdir / DEFAULT_TYPES_FILE
+        types_file = candidate if candidate.is_file() else None
+
+    public_url = env.get(PREFIX + "PUBLIC_URL", "").rstrip("/") or None
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            errors.append(
+                f"{PREFIX}PUBLIC_URL: expected an address like https://desktop.school.example, "
+                f"got {public_url!r}"
+            )
+
+    log_level = env.get(PREFIX + "LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        errors.append(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
+
+    timeout_raw = env.get(PREFIX + "UPSTREAM_CONNECT_TIMEOUT", "10")
+    try:
+        timeout = float(timeout_raw)
+        if not 0 < timeout <= 300:
+            raise ValueError
+    except ValueError:
+        errors.append(f"{PREFIX}UPSTREAM_CONNECT_TIMEOUT: seconds between 0 and 300, got {timeout_raw!r}")
+        timeout = 10.0
+
+    settings = Settings(
+        database_url=Secret(raw_db),
+        secret_key=secret_key,
+        secret_key_source=secret_source,
+        docker_url=env.get(PREFIX + "DOCKER_URL", "") or "unix:///var/run/docker.sock",
+        container_host=env.get(PREFIX + "CONTAINER_HOST", "") or "127.0.0.1",
+        port_range=_port_range(env.get(PREFIX + "PORT_RANGE", "") or "7000-8000", errors),
+        desktop_types_file=types_file,
+        public_url=public_url,
+        session_max_age=_int(env, "SESSION_MAX_AGE", 12 * 3600, errors, minimum=60),
+        launch_token_max_age=_int(env, "LAUNCH_TOKEN_MAX_AGE", 60, errors, minimum=5),
+        upstream_connect_timeout=timeout,
+        log_level=log_level,
+        embedded_database=embedded,
+    )
+    if errors:
+        raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))
+    return settings

@@ -1,0 +1,1 @@
+"""Thin web endpoints: they parse, call the use cases, and render."""

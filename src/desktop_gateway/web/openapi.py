@@ -1,0 +1,151 @@
+"""The OpenAPI document of the portal API, served at ``/api/v1/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desktop_gateway import __version__
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+_ID = [{"name": "desktop_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def _desktop_response(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Desktop"}}},
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "desktop-gateway portal API",
+        "version": __version__,
+        "description": "Start, list, stop and launch desktops. Errors are RFC 9457 problem documents.",
+    },
+    "security": [{"apiKey": []}],
+    "paths": {
+        "/api/v1/desktops": {
+            "post": {
+                "summary": "Start a user's desktop of a type (idempotent: same user and type, same desktop)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["user", "desktop_type"],
+                                "properties": {
+                                    "user": {"type": "string", "example": "anna-schmidt"},
+                                    "desktop_type": {"type": "string", "example": "ubuntu-vscode"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _desktop_response("Already running"),
+                    "202": _desktop_response("Starting"),
+                    "400": _PROBLEM,
+                    "401": _PROBLEM,
+                    "415": _PROBLEM,
+                    "422": _PROBLEM,
+                    "503": _PROBLEM,
+                },
+            },
+            "get": {
+                "summary": "List desktops, optionally of one user",
+                "parameters": [
+                    {"name": "user", "in": "query", "required": False, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Desktops",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "desktops": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Desktop"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _PROBLEM,
+                    "422": _PROBLEM,
+                },
+            },
+        },
+        "/api/v1/desktops/{desktop_id}": {
+            "parameters": _ID,
+            "get": {
+                "summary": "One desktop",
+                "responses": {"200": _desktop_response("The desktop"), "401": _PROBLEM, "404": _PROBLEM},
+            },
+            "delete": {
+                "summary": "Stop a desktop; connected browsers are closed with 1001",
+                "responses": {"200": _desktop_response("Stopped"), "401": _PROBLEM, "404": _PROBLEM},
+            },
+        },
+        "/api/v1/desktops/{desktop_id}/launch": {
+            "parameters": _ID,
+            "post": {
+                "summary": "A fresh single-use launch URL (valid 60 seconds) for the desktop's user",
+                "responses": {
+                    "200": _desktop_response("The desktop, with launch_url"),
+                    "401": _PROBLEM,
+                    "404": _PROBLEM,
+                },
+            },
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A key from `desktop-gateway api-key create NAME`",
+            }
+        },
+        "schemas": {
+            "Desktop": {
+                "type": "object",
+                "required": ["id", "name", "user", "desktop_type", "state"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "name": {"type": "string", "example": "anna-schmidt-ubuntu-vscode"},
+                    "user": {"type": "string"},
+                    "desktop_type": {"type": "string"},
+                    "state": {
+                        "type": "string",
+                        "enum": ["starting", "running", "stopping", "stopped", "failed"],
+                    },
+                    "created_at": {"type": "string", "format": "date-time"},
+                    "started_at": {"type": ["string", "null"], "format": "date-time"},
+                    "failure_reason": {"type": ["string", "null"]},
+                    "launch_url": {"type": "string", "format": "uri"},
+                },
+            },
+            "Problem": {
+                "type": "object",
+                "properties": {
+                    "type": {"type": "string"},
+                    "title": {"type": "string"},
+                    "status": {"type": "integer"},
+                    "detail": {"type": "string"},
+                },
+            },
+        },
+        "responses": {
+            "Problem": {
+                "description": "An RFC 9457 problem document",
+                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            }
+        },
+    },
+}

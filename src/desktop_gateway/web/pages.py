@@ -1,0 +1,123 @@
+"""Pages for people: the launch redirect, the viewer, sign-out, and the health checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from desktop_gateway import closepolicy, desktops, identity, launch
+from desktop_gateway.gateway import Gateway
+from desktop_gateway.identity import Identity
+
+log = logging.getLogger("desktop_gateway.pages")
+_templates = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(["html"]),
+)
+# Pages carry a signed-in session: keep them out of caches and frames of other sites.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "SAMEORIGIN",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
+    html = _templates.get_template(template).render(**context)
+    return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
+
+
+def message(status: int, heading: str, sentence: str) -> HTMLResponse:
+    return render("message.html", status=status, heading=heading, sentence=sentence)
+
+
+async def launch_page(request: Request) -> Response:
+    """Redeem a single-use launch token: sign the browser in as its user and go to the desktop."""
+    gateway: Gateway = request.state.gateway
+    async with gateway.sessions() as db:
+        try:
+            grant = await launch.redeem(db, gateway.launch_tokens, request.path_params["token"])
+        except launch.LaunchRefused as exc:
+            log.warning(
+                "launch refused: client=%s cause=%s",
+                request.client.host if request.client else "-",
+                exc.refusal.name.lower(),
+            )
+            gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
+            return message(403, "Cannot open the desktop", exc.refusal.value)
+        old: Identity | None = request.scope.get("identity")
+        if old is not None:
+            await identity.end_session(db, old.session_id)
+        cookie = await identity.start_session(db, gateway.codec, grant.user_id)
+        await db.commit()
+    gateway.audit.record("login", None, grant.desktop_name, f"user id {grant.user_id} by launch token")
+    response = RedirectResponse(f"/desktop/{grant.desktop_name}", status_code=303, headers=_PAGE_HEADERS)
+    response.headers["Set-Cookie"] = identity.session_cookie_header(
+        cookie, gateway.codec.max_age, gateway.settings.secure_cookies
+    )
+    return response
+
+
+async def viewer_page(request: Request) -> Response:
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    name = request.path_params["name"]
+    if who is None:
+        return message(401, "Not signed in", "Open the desktop again from the school portal.")
+    async with gateway.sessions() as db:
+        found = await desktops.find_by_name(db, name)
+    if found is None or found.owner_id != who.user_id:
+        return message(
+            404,
+            "No such desktop",
+            "There is no such desktop for you. Open your desktop from the school portal.",
+        )
+    viewer_src = (
+        f"/desktop/{name}/vnc.html?autoconnect=1&resize=remote&reconnect=1&path=desktop/{name}/websockify"
+    )
+    return render("viewer.html", desktop_name=name, viewer_src=viewer_src)
+
+
+async def logout(request: Request) -> Response:
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    if who is not None:
+        async with gateway.sessions() as db:
+            await identity.end_session(db, who.session_id)
+            await db.commit()
+        gateway.hub.stop_session(who.session_id, closepolicy.SIGNED_OUT)
+        gateway.audit.record("logout", who.username, None, None)
+    response = message(200, "Signed out", "You are signed out. You can close this tab.")
+    response.headers["Set-Cookie"] = identity.cleared_cookie_header(gateway.settings.secure_cookies)
+    return response
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok\n")
+
+
+async def readyz(request: Request) -> Response:
+    gateway: Gateway = request.state.gateway
+    try:
+        async with gateway.sessions() as db:
+            await db.execute(text("SELECT 1"))
+    except Exception as exc:
+        log.warning("not ready: database unreachable: %s", exc)
+        return PlainTextResponse("database unreachable\n", status_code=503)
+    return PlainTextResponse("ready\n")
+
+
+routes = [
+    Route("/launch/{token}", launch_page, methods=["GET"]),
+    Route("/desktop/{name}", viewer_page, methods=["GET"]),
+    Route("/logout", logout, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,101 @@
+"""Fixtures: a fresh database per test (SQLite and PostgreSQL) and a real gateway on a loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+
+from desktop_gateway.db import schema
+from desktop_gateway.db.engine import create_engine
+from gatewaytest import RunningGateway, start_gateway_on
+
+POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
+TEMPLATE_DB = "dg_test_template"
+
+
+def _plain_dsn(url: str, database: str) -> str:
+    return make_url(url).set(drivername="postgresql", database=database).render_as_string(hide_password=False)
+
+
+async def _create_template(admin_url: str) -> None:
+    conn = await asyncpg.connect(_plain_dsn(admin_url, "postgres"))
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    engine = create_engine(make_url(admin_url).set(database=TEMPLATE_DB).render_as_string(hide_password=False))
+    try:
+        await schema.upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str | None]:
+    """The PostgreSQL server the suite may use, with a migrated template database; None only outside CI."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: in CI the PostgreSQL tests must run (see .ci/run)")
+        yield None
+        return
+    asyncio.run(_create_template(url))
+    yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
+) -> AsyncIterator[str]:
+    """A migrated, empty database of each kind, new for every test."""
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+        engine = create_engine(url)
+        await schema.upgrade(engine)
+        await engine.dispose()
+        yield url
+        return
+    if postgres_admin_url is None:
+        pytest.skip(f"set {POSTGRES_ENV} (scripts/start-postgres prints one) to run the PostgreSQL variant")
+    name = f"dg_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(_plain_dsn(postgres_admin_url, "postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    finally:
+        await admin.close()
+    yield make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(_plain_dsn(postgres_admin_url, "postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway(database_url: str, tmp_path: Path) -> AsyncIterator[StartGateway]:
+    """Start gateways on loopback with the given desktop types; all are shut down after the test."""
+    running: list[RunningGateway] = []
+
+    async def start(types_toml: str = "", **env: str) -> RunningGateway:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        gateway = await start_gateway_on(sock, database_url, tmp_path / f"gw{len(running)}", types_toml, env)
+        running.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in running:
+        await gateway.stop()

@@ -1,0 +1,142 @@
+"""Test support: a real gateway served by uvicorn on a loopback socket, a portal and a browser for it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Origin, Subprotocol
+
+from desktop_gateway import apikeys
+from desktop_gateway.app import create_app
+from desktop_gateway.gateway import Gateway
+from desktop_gateway.identity import COOKIE_NAME
+from desktop_gateway.serve import GatewayServer, uvicorn_config
+from desktop_gateway.settings import Settings, load_settings
+
+SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+
+@dataclasses.dataclass
+class RunningGateway:
+    base_url: str
+    app: Starlette
+    server: GatewayServer
+    task: asyncio.Task[None]
+    settings: Settings
+    api_key: str = ""
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.app.state.gateway
+        return gateway
+
+    @property
+    def ws_base(self) -> str:
+        return "ws" + self.base_url.removeprefix("http")
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+    def portal(self, key: str | None = None) -> httpx.AsyncClient:
+        """An HTTP client that acts as the school portal (with the API key unless another is given)."""
+        token = self.api_key if key is None else key
+        return httpx.AsyncClient(base_url=self.base_url, headers={"Authorization": f"Bearer {token}"})
+
+    async def start_desktop(self, user: str, desktop_type: str) -> dict[str, Any]:
+        async with self.portal() as portal:
+            response = await portal.post("/api/v1/desktops", json={"user": user, "desktop_type": desktop_type})
+        assert response.status_code in (200, 202), response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def sign_in(self, launch_url: str) -> str:
+        """Follow a launch URL as a browser would; return the session cookie value it set."""
+        async with httpx.AsyncClient() as browser:
+            response = await browser.get(launch_url)
+        assert response.status_code == 303, response.text
+        cookie = response.cookies.get(COOKIE_NAME)
+        assert cookie
+        return cookie
+
+    async def open_desktop(self, user: str, desktop_type: str) -> tuple[dict[str, Any], str]:
+        """Start a desktop through the API and sign its user in; return the desktop and the cookie."""
+        desktop = await self.start_desktop(user, desktop_type)
+        return desktop, await self.sign_in(desktop["launch_url"])
+
+    def browser(
+        self,
+        path: str,
+        cookie: str | None,
+        *,
+        origin: str | None = None,
+        referer: str | None = None,
+        subprotocols: tuple[str, ...] = ("binary",),
+    ) -> Any:
+        """A WebSocket client like noVNC in a browser tab (Origin, cookie, ``binary`` subprotocol)."""
+        headers: list[tuple[str, str]] = []
+        if cookie is not None:
+            headers.append(("Cookie", f"{COOKIE_NAME}={cookie}"))
+        if referer is not None:
+            headers.append(("Referer", referer))
+        return connect(
+            self.ws_base + path,
+            origin=Origin(origin or self.base_url),
+            additional_headers=headers,
+            subprotocols=[Subprotocol(p) for p in subprotocols],
+            compression=None,
+            open_timeout=10,
+            max_size=None,
+            ping_interval=None,
+        )
+
+
+async def start_gateway_on(
+    sock: socket.socket, database_url: str, workdir: Path, types_toml: str, env: Mapping[str, str]
+) -> RunningGateway:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = sock.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}"
+    types_file = workdir / "desktop-types.toml"
+    types_file.write_text(types_toml)
+    settings = load_settings(
+        {
+            "DESKTOP_GATEWAY_DATABASE_URL": database_url,
+            "DESKTOP_GATEWAY_SECRET_KEY": SECRET,
+            "DESKTOP_GATEWAY_DESKTOP_TYPES": str(types_file),
+            "DESKTOP_GATEWAY_PUBLIC_URL": base_url,
+            "DESKTOP_GATEWAY_UPSTREAM_CONNECT_TIMEOUT": "2",
+            **{f"DESKTOP_GATEWAY_{k.upper()}": v for k, v in env.items()},
+        },
+        workdir=workdir,
+    )
+    app = create_app(settings)
+    config = uvicorn_config("127.0.0.1", port, 1, "INFO")
+    config.app = app
+    config.factory = False
+    server = GatewayServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    running = RunningGateway(base_url=base_url, app=app, server=server, task=task, settings=settings)
+    # Connections wait in the listen backlog until the lifespan has run: this request is the readiness wait.
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        assert (await client.get("/healthz")).status_code == 200
+    async with running.gateway.sessions() as db:
+        running.api_key = await apikeys.create_api_key(db, "test portal")
+        await db.commit()
+    return running
+
+
+def static_type(name: str, port: int, password: str | None = "pw", title: str = "A desktop") -> str:
+    """A ``[desktop_types.NAME]`` table for a KasmVNC-like endpoint on loopback."""
+    lines = [f"[desktop_types.{name}]", f'title = "{title}"', f'endpoint = "wss://127.0.0.1:{port}/"']
+    if password is not None:
+        lines.append(f'password = "{password}"')
+    return "\n".join(lines) + "\n\n"

@@ -1,0 +1,313 @@
+"""The close-code policy end to end: each row of DESIGN.md's table, over real loopback sockets.
+
+The browser is a ``websockets`` client speaking like noVNC; the containers are KasmVNC-like stand-ins and
+named fault stand-ins from ``standin/kasm_front.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+import kasm_front
+from conftest import StartGateway
+from desktop_gateway.db.models import AuditEvent, Desktop
+from gatewaytest import RunningGateway, static_type
+
+PW = "pw"
+TIMEOUT = 10
+
+
+async def closed(ws: ClientConnection) -> tuple[int | None, str]:
+    """Read until the connection ends; return the close code and reason the browser received."""
+    async with asyncio.timeout(TIMEOUT):
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await ws.recv()
+    rcvd = ws.protocol.close_rcvd
+    assert rcvd is not None, "the browser got no close frame (a bare 1006)"
+    return rcvd.code, rcvd.reason
+
+
+@pytest.fixture
+async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
+    front = kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": PW})
+    await front.start()
+    yield front
+    await front.stop()
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, kasm: kasm_front.KasmFront) -> RunningGateway:
+    return await start_gateway(static_type("lab", kasm.port))
+
+
+async def test_relays_bytes_intact_both_ways(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """Eight MiB in messages up to 200 KiB arrive at the container and back intact and in order."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    sizes = [1, 100, 65_535, 65_536, 200_000, 7, 131_071] * 10
+    payload = os.urandom(sum(sizes))
+    sent = hashlib.sha256(payload)
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        assert ws.subprotocol == "binary"
+
+        async def send_all() -> None:
+            offset = 0
+            for size in sizes:
+                await ws.send(payload[offset : offset + size])
+                offset += size
+
+        received = hashlib.sha256()
+        count = 0
+        sender = asyncio.create_task(send_all())
+        async with asyncio.timeout(30):
+            while count < len(payload):
+                chunk = await ws.recv()
+                assert isinstance(chunk, bytes)
+                assert len(chunk) <= 65_535, "the container's frames are at most 65,535 bytes"
+                received.update(chunk)
+                count += len(chunk)
+        await sender
+    assert count == len(payload)
+    assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_container_close_code_passes_through(start_gateway: StartGateway) -> None:
+    """A container's own close code and reason reach the browser unchanged."""
+    async with kasm_front.ClosesWithCode(4321, "kasm says goodbye") as closer:
+        gw = await start_gateway(static_type("lab", closer.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(b"hello")
+            assert await closed(ws) == (4321, "kasm says goodbye")
+
+
+async def test_container_close_without_code_is_not_1005(start_gateway: StartGateway) -> None:
+    """An empty close frame from the container (1005) reaches the browser as 1000, never 1005."""
+    async with kasm_front.ClosesWithCode(None) as closer:
+        gw = await start_gateway(static_type("lab", closer.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(b"hello")
+            code, reason = await closed(ws)
+    assert code == 1000
+    assert reason
+
+
+@pytest.mark.parametrize(("browser_code", "expected"), [(1000, 1000), (4000, 4000), (1001, 1001)])
+async def test_browser_close_code_reaches_container(
+    gw: RunningGateway, kasm: kasm_front.KasmFront, browser_code: int, expected: int
+) -> None:
+    """The browser's own close code and reason are passed on to the container."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        await ws.close(browser_code, "tab closed")
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close == (expected, "tab closed")
+
+
+async def test_browser_close_without_code_reaches_container_as_1000(
+    gw: RunningGateway, kasm: kasm_front.KasmFront
+) -> None:
+    """A browser close frame without a code (1005) is passed on as 1000."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        async with ws.send_context():
+            ws.protocol.send_close()  # an empty close frame: code 1005 "no status"
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close is not None
+    assert kasm.last_close[0] == 1000
+
+
+async def test_browser_drop_reaches_container_as_1001(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """A browser that vanishes without a close frame (1006) is passed on as 1001 going away."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        ws.transport.abort()
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close is not None
+    assert kasm.last_close[0] == 1001
+
+
+async def test_logout_closes_with_1000(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """Signing out closes that browser's desktop connections with 1000, and tells the container."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        async with httpx.AsyncClient(base_url=gw.base_url, cookies={"dg_session": cookie}) as browser:
+            assert (await browser.post("/logout")).status_code == 200
+        assert await closed(ws) == (1000, "You signed out.")
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close is not None
+    assert kasm.last_close[0] == 1000
+
+
+async def test_stopping_desktop_closes_with_1001(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """DELETE on a desktop closes its connections with 1001 and tells the container 1001 too."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        async with gw.portal() as portal:
+            response = await portal.delete(f"/api/v1/desktops/{desktop['id']}")
+        assert response.status_code == 200
+        assert response.json()["state"] == "stopped"
+        assert await closed(ws) == (1001, "The desktop was stopped.")
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close is not None
+    assert kasm.last_close[0] == 1001
+
+
+async def test_gateway_shutdown_closes_with_1001(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """When the gateway shuts down, browsers get 1001 with a sentence, not uvicorn's bare 1012."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        stopping = asyncio.create_task(gw.stop())
+        code, reason = await closed(ws)
+        await stopping
+    assert code == 1001
+    assert "restarting" in reason
+
+
+async def test_container_rejecting_upgrade_gives_1002(start_gateway: StartGateway) -> None:
+    """A container answering the upgrade with 403 gives the browser 1002 naming the status."""
+    async with kasm_front.Answers403() as refuser:
+        gw = await start_gateway(static_type("lab", refuser.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            code, reason = await closed(ws)
+    assert code == 1002
+    assert "403" in reason
+
+
+async def test_wrong_container_password_gives_1002(start_gateway: StartGateway) -> None:
+    """Wrong Basic credentials for the container (401) reach the browser as 1002, not a hang."""
+    async with kasm_front.KasmFront(users={"kasm_user": "right"}) as front:
+        gw = await start_gateway(static_type("lab", front.port, password="wrong"))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            code, reason = await closed(ws)
+    assert code == 1002
+    assert "401" in reason
+
+
+@pytest.mark.parametrize("mode", ["one_line", "many_lines"])
+async def test_oversized_handshake_gives_1009(start_gateway: StartGateway, mode: Any) -> None:
+    """A container handshake response over 8 KiB gives the browser 1009."""
+    async with kasm_front.OversizedHandshake(mode) as oversized:
+        gw = await start_gateway(static_type("lab", oversized.port, password=None))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            code, _ = await closed(ws)
+    assert code == 1009
+
+
+async def test_browser_message_over_limit_gives_1009(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """A browser message over the gateway's size limit is refused with 1009; the container hears 1009."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"x")
+        assert await ws.recv() == b"x"
+        with contextlib.suppress(ConnectionClosed):  # the gateway may close while the message is sent
+            await ws.send(bytes(17 * 1024 * 1024))
+        code, _ = await closed(ws)
+    assert code == 1009
+    await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
+    assert kasm.last_close is not None
+    assert kasm.last_close[0] == 1009
+
+
+async def test_refused_tcp_gives_1011(start_gateway: StartGateway) -> None:
+    """A container port that refuses TCP gives the browser 1011 'cannot be reached'."""
+    async with kasm_front.RefusesTcp() as refuser:
+        gw = await start_gateway(static_type("lab", refuser.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            assert await closed(ws) == (1011, "The desktop cannot be reached right now.")
+
+
+async def test_hanging_handshake_gives_1011_after_timeout(start_gateway: StartGateway) -> None:
+    """A container that never answers the upgrade gives 1011 once the connect timeout passes."""
+    async with kasm_front.HangsInHandshake() as hanger:
+        gw = await start_gateway(static_type("lab", hanger.port), upstream_connect_timeout="1")
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            assert await closed(ws) == (1011, "The desktop cannot be reached right now.")
+
+
+async def test_container_drop_while_running_gives_1011(start_gateway: StartGateway) -> None:
+    """A container leg that drops without a close frame while the desktop runs gives 1011 'lost'."""
+    async with kasm_front.DropsAfter(1000) as dropper:
+        gw = await start_gateway(static_type("lab", dropper.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(bytes(2000))
+            assert await closed(ws) == (1011, "The connection to the desktop was lost.")
+
+
+async def test_container_drop_after_stop_gives_1001(start_gateway: StartGateway) -> None:
+    """A container leg that drops when the desktop is no longer running gives 1001 'stopped'."""
+    async with kasm_front.DropsAfter(10) as dropper:
+        gw = await start_gateway(static_type("lab", dropper.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            # Stopped behind the gateway's back (another worker, or the runtime noticed it): the row says so.
+            async with gw.gateway.sessions() as db:
+                await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="stopped"))
+                await db.commit()
+            await ws.send(bytes(20))
+            assert await closed(ws) == (1001, "The desktop was stopped.")
+
+
+async def test_starting_desktop_gives_1013(gw: RunningGateway) -> None:
+    """A desktop that exists but is still starting gives 1013 'try again later'."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.gateway.sessions() as db:
+        await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="starting"))
+        await db.commit()
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        code, _ = await closed(ws)
+    assert code == 1013
+
+
+async def test_failures_are_logged_once_and_audited(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unreachable desktop is logged once, with user, desktop and cause, and written to the audit log."""
+    async with kasm_front.RefusesTcp() as refuser:
+        gw = await start_gateway(static_type("lab", refuser.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        caplog.clear()
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await closed(ws)
+    lines = [r for r in caplog.records if r.name == "desktop_gateway.relay"]
+    assert len(lines) == 1
+    assert lines[0].levelname == "WARNING"
+    message = lines[0].getMessage()
+    assert "user=anna" in message
+    assert f"desktop={desktop['name']}" in message
+    assert "code=1011" in message
+    assert "ConnectionRefused" in message or "Connect call failed" in message
+    await gw.gateway.audit.flush()
+    async with gw.gateway.sessions() as db:
+        events = (await db.execute(select(AuditEvent.event, AuditEvent.username))).all()
+    assert ("connect-failed", "anna") in events
