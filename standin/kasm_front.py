@@ -493,6 +493,15 @@ class _Endpoint(_StartStop):
         task = asyncio.current_task()
         assert task is not None
         self._open[task] = writer
+        try:
+            await self._converse(reader, writer)
+            await _drop(writer)
+        except asyncio.CancelledError:  # only stop() cancels; a cancelled task makes 3.11's streams log
+            writer.transport.abort()
+        finally:
+            del self._open[task]
+
+    async def _converse(self, reader: StreamReader, writer: StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
             try:
@@ -510,9 +519,6 @@ class _Endpoint(_StartStop):
             log.debug("connection from %s ended: %r", peer, exc)
         except Exception:  # a bug in an app: log it here, the stream protocol would swallow it
             log.exception("connection from %s failed", peer)
-        finally:
-            del self._open[task]
-            await _drop(writer)
 
     async def _respond(self, request: Request, reader: StreamReader, writer: StreamWriter) -> None:
         raise NotImplementedError

@@ -32,7 +32,9 @@ async def _create_template(admin_url: str) -> None:
         await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     finally:
         await conn.close()
-    engine = create_engine(make_url(admin_url).set(database=TEMPLATE_DB).render_as_string(hide_password=False))
+    engine = create_engine(
+        make_url(admin_url).set(database=TEMPLATE_DB).render_as_string(hide_password=False)
+    )
     try:
         await schema.upgrade(engine)
     finally:

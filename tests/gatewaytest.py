@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
 from desktop_gateway import apikeys
@@ -53,7 +54,9 @@ class RunningGateway:
 
     async def start_desktop(self, user: str, desktop_type: str) -> dict[str, Any]:
         async with self.portal() as portal:
-            response = await portal.post("/api/v1/desktops", json={"user": user, "desktop_type": desktop_type})
+            response = await portal.post(
+                "/api/v1/desktops", json={"user": user, "desktop_type": desktop_type}
+            )
         assert response.status_code in (200, 202), response.text
         body: dict[str, Any] = response.json()
         return body
@@ -102,7 +105,7 @@ class RunningGateway:
 async def start_gateway_on(
     sock: socket.socket, database_url: str, workdir: Path, types_toml: str, env: Mapping[str, str]
 ) -> RunningGateway:
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (test set-up, before any traffic)
     port = sock.getsockname()[1]
     base_url = f"http://127.0.0.1:{port}"
     types_file = workdir / "desktop-types.toml"
@@ -134,9 +137,22 @@ async def start_gateway_on(
     return running
 
 
-def static_type(name: str, port: int, password: str | None = "pw", title: str = "A desktop") -> str:
+def static_type(name: str, port: int, password: str | None = "pw", title: str = "A desktop") -> str:  # noqa: S107
     """A ``[desktop_types.NAME]`` table for a KasmVNC-like endpoint on loopback."""
     lines = [f"[desktop_types.{name}]", f'title = "{title}"', f'endpoint = "wss://127.0.0.1:{port}/"']
     if password is not None:
         lines.append(f'password = "{password}"')
     return "\n".join(lines) + "\n\n"
+
+
+async def close_frame(ws: ClientConnection) -> tuple[int, str]:
+    """Read until the connection ends; return the close code and reason the browser received."""
+    async with asyncio.timeout(10):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed:
+            pass
+    received = ws.protocol.close_rcvd
+    assert received is not None, "the browser got no close frame (a bare 1006)"
+    return received.code, received.reason

@@ -95,11 +95,14 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
 
 
 async def receive(ws: ClientConnection, total: int) -> list[bytes]:
+    """Binary messages until ``total`` bytes have arrived."""
     messages: list[bytes] = []
-    while sum(map(len, messages)) < total:
+    received = 0
+    while received < total:
         message = await asyncio.wait_for(ws.recv(), TIMEOUT)
         assert isinstance(message, bytes)
         messages.append(message)
+        received += len(message)
     return messages
 
 

@@ -16,27 +16,15 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select, update
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 import kasm_front
 from conftest import StartGateway
 from desktop_gateway.db.models import AuditEvent, Desktop
-from gatewaytest import RunningGateway, static_type
+from gatewaytest import RunningGateway, close_frame, static_type
 
 PW = "pw"
 TIMEOUT = 10
-
-
-async def closed(ws: ClientConnection) -> tuple[int | None, str]:
-    """Read until the connection ends; return the close code and reason the browser received."""
-    async with asyncio.timeout(TIMEOUT):
-        with pytest.raises(ConnectionClosed):
-            while True:
-                await ws.recv()
-    rcvd = ws.protocol.close_rcvd
-    assert rcvd is not None, "the browser got no close frame (a bare 1006)"
-    return rcvd.code, rcvd.reason
 
 
 @pytest.fixture
@@ -89,7 +77,7 @@ async def test_container_close_code_passes_through(start_gateway: StartGateway) 
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
             await ws.send(b"hello")
-            assert await closed(ws) == (4321, "kasm says goodbye")
+            assert await close_frame(ws) == (4321, "kasm says goodbye")
 
 
 async def test_container_close_without_code_is_not_1005(start_gateway: StartGateway) -> None:
@@ -99,7 +87,7 @@ async def test_container_close_without_code_is_not_1005(start_gateway: StartGate
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
             await ws.send(b"hello")
-            code, reason = await closed(ws)
+            code, reason = await close_frame(ws)
     assert code == 1000
     assert reason
 
@@ -153,7 +141,7 @@ async def test_logout_closes_with_1000(gw: RunningGateway, kasm: kasm_front.Kasm
         assert await ws.recv() == b"x"
         async with httpx.AsyncClient(base_url=gw.base_url, cookies={"dg_session": cookie}) as browser:
             assert (await browser.post("/logout")).status_code == 200
-        assert await closed(ws) == (1000, "You signed out.")
+        assert await close_frame(ws) == (1000, "You signed out.")
     await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
     assert kasm.last_close is not None
     assert kasm.last_close[0] == 1000
@@ -169,7 +157,7 @@ async def test_stopping_desktop_closes_with_1001(gw: RunningGateway, kasm: kasm_
             response = await portal.delete(f"/api/v1/desktops/{desktop['id']}")
         assert response.status_code == 200
         assert response.json()["state"] == "stopped"
-        assert await closed(ws) == (1001, "The desktop was stopped.")
+        assert await close_frame(ws) == (1001, "The desktop was stopped.")
     await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
     assert kasm.last_close is not None
     assert kasm.last_close[0] == 1001
@@ -182,7 +170,7 @@ async def test_gateway_shutdown_closes_with_1001(gw: RunningGateway, kasm: kasm_
         await ws.send(b"x")
         assert await ws.recv() == b"x"
         stopping = asyncio.create_task(gw.stop())
-        code, reason = await closed(ws)
+        code, reason = await close_frame(ws)
         await stopping
     assert code == 1001
     assert "restarting" in reason
@@ -194,7 +182,7 @@ async def test_container_rejecting_upgrade_gives_1002(start_gateway: StartGatewa
         gw = await start_gateway(static_type("lab", refuser.port))
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            code, reason = await closed(ws)
+            code, reason = await close_frame(ws)
     assert code == 1002
     assert "403" in reason
 
@@ -205,7 +193,7 @@ async def test_wrong_container_password_gives_1002(start_gateway: StartGateway) 
         gw = await start_gateway(static_type("lab", front.port, password="wrong"))
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            code, reason = await closed(ws)
+            code, reason = await close_frame(ws)
     assert code == 1002
     assert "401" in reason
 
@@ -217,7 +205,7 @@ async def test_oversized_handshake_gives_1009(start_gateway: StartGateway, mode:
         gw = await start_gateway(static_type("lab", oversized.port, password=None))
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            code, _ = await closed(ws)
+            code, _ = await close_frame(ws)
     assert code == 1009
 
 
@@ -229,7 +217,7 @@ async def test_browser_message_over_limit_gives_1009(gw: RunningGateway, kasm: k
         assert await ws.recv() == b"x"
         with contextlib.suppress(ConnectionClosed):  # the gateway may close while the message is sent
             await ws.send(bytes(17 * 1024 * 1024))
-        code, _ = await closed(ws)
+        code, _ = await close_frame(ws)
     assert code == 1009
     await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
     assert kasm.last_close is not None
@@ -242,7 +230,7 @@ async def test_refused_tcp_gives_1011(start_gateway: StartGateway) -> None:
         gw = await start_gateway(static_type("lab", refuser.port))
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            assert await closed(ws) == (1011, "The desktop cannot be reached right now.")
+            assert await close_frame(ws) == (1011, "The desktop cannot be reached right now.")
 
 
 async def test_hanging_handshake_gives_1011_after_timeout(start_gateway: StartGateway) -> None:
@@ -251,7 +239,7 @@ async def test_hanging_handshake_gives_1011_after_timeout(start_gateway: StartGa
         gw = await start_gateway(static_type("lab", hanger.port), upstream_connect_timeout="1")
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            assert await closed(ws) == (1011, "The desktop cannot be reached right now.")
+            assert await close_frame(ws) == (1011, "The desktop cannot be reached right now.")
 
 
 async def test_container_drop_while_running_gives_1011(start_gateway: StartGateway) -> None:
@@ -261,7 +249,7 @@ async def test_container_drop_while_running_gives_1011(start_gateway: StartGatew
         desktop, cookie = await gw.open_desktop("anna", "lab")
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
             await ws.send(bytes(2000))
-            assert await closed(ws) == (1011, "The connection to the desktop was lost.")
+            assert await close_frame(ws) == (1011, "The connection to the desktop was lost.")
 
 
 async def test_container_drop_after_stop_gives_1001(start_gateway: StartGateway) -> None:
@@ -275,7 +263,7 @@ async def test_container_drop_after_stop_gives_1001(start_gateway: StartGateway)
                 await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="stopped"))
                 await db.commit()
             await ws.send(bytes(20))
-            assert await closed(ws) == (1001, "The desktop was stopped.")
+            assert await close_frame(ws) == (1001, "The desktop was stopped.")
 
 
 async def test_starting_desktop_gives_1013(gw: RunningGateway) -> None:
@@ -285,7 +273,7 @@ async def test_starting_desktop_gives_1013(gw: RunningGateway) -> None:
         await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="starting"))
         await db.commit()
     async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-        code, _ = await closed(ws)
+        code, _ = await close_frame(ws)
     assert code == 1013
 
 
@@ -298,7 +286,7 @@ async def test_failures_are_logged_once_and_audited(
         desktop, cookie = await gw.open_desktop("anna", "lab")
         caplog.clear()
         async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            await closed(ws)
+            await close_frame(ws)
     lines = [r for r in caplog.records if r.name == "desktop_gateway.relay"]
     assert len(lines) == 1
     assert lines[0].levelname == "WARNING"

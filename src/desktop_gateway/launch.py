@@ -16,7 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from desktop_gateway.db.models import UsedLaunchToken
 
-
 SALT = "desktop-gateway.launch"
 
 
