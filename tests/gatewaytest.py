@@ -122,7 +122,7 @@ async def start_gateway_on(
         workdir=workdir,
     )
     app = create_app(settings)
-    config = uvicorn_config("127.0.0.1", port, 1, "INFO")
+    config = uvicorn_config(settings, "127.0.0.1", port, 1)
     config.app = app
     config.factory = False
     server = GatewayServer(config)

@@ -36,7 +36,7 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def uvicorn_config(host: str, port: int, workers: int, log_level: str) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uvicorn.Config:
     return uvicorn.Config(
         "desktop_gateway.app:create_app",
         factory=True,
@@ -44,9 +44,10 @@ def uvicorn_config(host: str, port: int, workers: int, log_level: str) -> uvicor
         port=port,
         workers=workers,
         log_config=None,
-        log_level=log_level.lower(),
+        log_level=settings.log_level.lower(),
         proxy_headers=True,
-        forwarded_allow_ips="127.0.0.1,::1",
+        # Only a trusted reverse proxy may say who the client is (KasmVNC blacklists by that address).
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         ws=BrowserWebSocketProtocol,
         ws_per_message_deflate=False,  # the RFB stream is already compressed; deflate only costs CPU
         ws_ping_interval=20.0,
@@ -98,7 +99,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     except SchemaOutdated as exc:
         print(f"desktop-gateway: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn_config(host, port, workers, settings.log_level)
+    config = uvicorn_config(settings, host, port, workers)
     if workers <= 1:
         GatewayServer(config).run()
         return 0

@@ -65,6 +65,7 @@ class Settings:
     upstream_connect_timeout: float
     log_level: str
     embedded_database: bool
+    forwarded_allow_ips: str = "127.0.0.1,::1"
 
     @property
     def database_url_for_display(self) -> str:
@@ -217,6 +218,7 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         upstream_connect_timeout=timeout,
         log_level=log_level,
         embedded_database=embedded,
+        forwarded_allow_ips=env.get(PREFIX + "FORWARDED_ALLOW_IPS", "") or "127.0.0.1,::1",
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))
