@@ -11,7 +11,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.settings import Settings, load_settings
-from desktop_gateway.web import api, pages
+from desktop_gateway.web import api, assets, pages
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.websockify import Websockify
 
@@ -34,5 +34,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/desktop/{name}/websockify", websockify),
+        Route("/desktop/{name}/{path:path}", assets.desktop_asset, methods=["GET", "HEAD"]),
     ]
     return Starlette(routes=routes, middleware=[Middleware(BrowserIdentity)], lifespan=lifespan)

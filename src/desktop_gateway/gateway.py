@@ -9,6 +9,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator
 
+import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from desktop_gateway import closepolicy
@@ -21,6 +22,7 @@ from desktop_gateway.identity import SessionCodec
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.settings import Settings
+from desktop_gateway.upstream import unverified_tls
 
 log = logging.getLogger("desktop_gateway")
 
@@ -43,6 +45,7 @@ class Gateway:
     launch_tokens: LaunchTokens
     hub: RelayHub
     audit: AuditLog
+    assets: httpx.AsyncClient
 
     async def going_away(self, grace: float = 5.0) -> None:
         """Close every relay with 1001 and wait (at most ``grace`` seconds) for them to finish."""
@@ -87,6 +90,7 @@ async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
             launch_tokens=LaunchTokens(settings.secret_key.reveal(), settings.launch_token_max_age),
             hub=RelayHub(),
             audit=AuditLog(sessions),
+            assets=asset_client(),
         )
         gateway.audit.start()
         _LIVE.add(gateway)
@@ -96,8 +100,16 @@ async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
             _LIVE.discard(gateway)
             await gateway.going_away()
             await gateway.audit.close()
+            await gateway.assets.aclose()
     finally:
         await engine.dispose()
+
+
+def asset_client() -> httpx.AsyncClient:
+    """One pooled client for desktops' web assets; desktops use self-signed certificates (see upstream)."""
+    return httpx.AsyncClient(
+        verify=unverified_tls(), timeout=httpx.Timeout(10.0), follow_redirects=False, trust_env=False
+    )
 
 
 async def all_going_away() -> None:

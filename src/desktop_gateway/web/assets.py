@@ -1,0 +1,95 @@
+"""``/desktop/{name}/{path}``: the desktop's own web client (noVNC), proxied for its signed-in owner.
+
+The browser never talks to a desktop directly and never sees its credentials: the gateway adds the Basic
+credentials, drops the desktop's authentication challenges and cookies, and streams the body through.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from desktop_gateway import desktops
+from desktop_gateway.db.models import DesktopState
+from desktop_gateway.gateway import Gateway
+from desktop_gateway.identity import Identity
+from desktop_gateway.web.pages import message
+
+log = logging.getLogger("desktop_gateway.assets")
+
+FORWARDED_REQUEST_HEADERS = (
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "if-none-match",
+    "if-modified-since",
+    "range",
+)
+PASSED_RESPONSE_HEADERS = (
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "content-range",
+    "accept-ranges",
+    "etag",
+    "last-modified",
+    "cache-control",
+    "expires",
+)
+
+
+def asset_url(endpoint: str, path: str, query: str) -> str:
+    parts = urlsplit(endpoint)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "/" + path.lstrip("/"), query, ""))
+
+
+async def desktop_asset(request: Request) -> Response:
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    name = request.path_params["name"]
+    if who is None:
+        return message(401, "Not signed in", "Open the desktop again from the school portal.")
+    async with gateway.sessions() as db:
+        found = await desktops.find_by_name(db, name)
+    if found is None or found.owner_id != who.user_id:
+        return message(404, "No such desktop", "There is no such desktop for you.")
+    if found.state != DesktopState.RUNNING or found.target is None:
+        return message(
+            503, "Desktop not running", "The desktop is not running. Start it again from the school portal."
+        )
+    headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
+    authorization = found.target.authorization()
+    if authorization is not None:
+        headers["authorization"] = authorization
+    url = asset_url(found.target.url, request.path_params["path"], request.url.query)
+    upstream_request = gateway.assets.build_request(request.method, url, headers=headers)
+    try:
+        upstream = await gateway.assets.send(upstream_request, stream=True)
+    except httpx.HTTPError as exc:
+        log.warning(
+            "asset unreachable: user=%s desktop=%s cause=%s: %s", who.username, name, type(exc).__name__, exc
+        )
+        return message(
+            502, "Desktop unreachable", "The desktop cannot be reached right now. Try again shortly."
+        )
+    if upstream.status_code in (401, 403):
+        await upstream.aclose()
+        log.warning("asset refused: user=%s desktop=%s status=%d", who.username, name, upstream.status_code)
+        return message(
+            502, "Desktop refused", "The desktop refused the gateway. Ask your school's IT to check it."
+        )
+    passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
+    passed["x-frame-options"] = "SAMEORIGIN"
+    passed["x-content-type-options"] = "nosniff"
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        status_code=upstream.status_code,
+        headers=passed,
+        background=BackgroundTask(upstream.aclose),
+    )

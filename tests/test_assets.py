@@ -1,0 +1,88 @@
+"""The desktop's own web client, proxied at /desktop/{name}/... for its owner only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import kasm_front
+from conftest import StartGateway
+from desktop_gateway.identity import COOKIE_NAME
+from gatewaytest import RunningGateway, static_type
+
+VNC_HTML = b"<!doctype html><title>noVNC</title><script src='app/ui.js'></script>"
+
+
+@pytest.fixture
+async def kasm(tmp_path: Path) -> AsyncIterator[kasm_front.KasmFront]:
+    web = tmp_path / "web"
+    (web / "app").mkdir(parents=True)
+    (web / "vnc.html").write_bytes(VNC_HTML)
+    (web / "app" / "ui.js").write_bytes(b"console.log('ui');" * 5000)
+    async with kasm_front.KasmFront(users={"kasm_user": "pw"}, web_root=web) as front:
+        yield front
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, kasm: kasm_front.KasmFront) -> RunningGateway:
+    return await start_gateway(static_type("lab", kasm.port))
+
+
+async def get(gw: RunningGateway, path: str, cookie: str | None) -> httpx.Response:
+    cookies = {COOKIE_NAME: cookie} if cookie else {}
+    async with httpx.AsyncClient(base_url=gw.base_url, cookies=cookies) as browser:
+        return await browser.get(path)
+
+
+async def test_owner_gets_the_desktop_client(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """The owner gets the desktop's files, with their types, fetched with the desktop's credentials."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    page = await get(gw, f"/desktop/{desktop['name']}/vnc.html", cookie)
+    script = await get(gw, f"/desktop/{desktop['name']}/app/ui.js", cookie)
+    assert page.status_code == 200
+    assert page.content == VNC_HTML
+    assert page.headers["content-type"].startswith("text/html")
+    assert script.status_code == 200
+    assert script.content == b"console.log('ui');" * 5000
+    assert kasm.last_user == "kasm_user"
+    assert "authorization" not in {k.lower() for k in page.headers}
+
+
+async def test_missing_file_is_passed_on_as_404(gw: RunningGateway) -> None:
+    """A file the desktop does not have is a 404 from the desktop, passed on."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    assert (await get(gw, f"/desktop/{desktop['name']}/nope.js", cookie)).status_code == 404
+
+
+async def test_others_and_strangers_get_nothing(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """Another user gets 404 and a stranger 401; the desktop is never asked."""
+    desktop, _ = await gw.open_desktop("anna", "lab")
+    _, mallory = await gw.open_desktop("mallory", "lab")
+    before = kasm.requests
+    assert (await get(gw, f"/desktop/{desktop['name']}/vnc.html", mallory)).status_code == 404
+    assert (await get(gw, f"/desktop/{desktop['name']}/vnc.html", None)).status_code == 401
+    assert kasm.requests == before
+
+
+async def test_refused_credentials_are_not_shown_to_the_browser(start_gateway: StartGateway) -> None:
+    """A desktop that refuses the gateway's credentials gives a 502 page, not its Basic-auth challenge."""
+    async with kasm_front.KasmFront(users={"kasm_user": "right"}) as front:
+        gw = await start_gateway(static_type("lab", front.port, password="wrong"))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        response = await get(gw, f"/desktop/{desktop['name']}/vnc.html", cookie)
+    assert response.status_code == 502
+    assert "www-authenticate" not in response.headers
+    assert "refused" in response.text
+
+
+async def test_unreachable_desktop_gives_502(start_gateway: StartGateway) -> None:
+    """A desktop that cannot be reached gives a 502 page with a sentence."""
+    async with kasm_front.RefusesTcp() as refuser:
+        gw = await start_gateway(static_type("lab", refuser.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        response = await get(gw, f"/desktop/{desktop['name']}/vnc.html", cookie)
+    assert response.status_code == 502
+    assert "cannot be reached" in response.text
