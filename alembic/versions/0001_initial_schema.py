@@ -84,6 +84,8 @@ def upgrade() -> None:
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("desktop_type", sa.String(length=40), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("state_changed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("instance", sa.String(length=32), nullable=True),
         sa.Column("container_id", sa.String(length=80), nullable=True),
         sa.Column("host", sa.String(length=255), nullable=True),
         sa.Column("host_port", sa.Integer(), nullable=True),

@@ -14,6 +14,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from desktop_gateway.runtime import Mount
+
 TYPE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 MAX_TYPE_NAME = 40
 _IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts"}
@@ -31,7 +33,11 @@ class DesktopType:
     endpoint: str | None = None
     username: str = "kasm_user"
     password: str | None = dataclasses.field(default=None, repr=False)
-    options: MappingProxyType[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    memory: int | None = None
+    nano_cpus: int | None = None
+    shm_size: int = 512 * 1024 * 1024
+    env: MappingProxyType[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    mounts: tuple[Mount, ...] = ()
 
     @property
     def is_static(self) -> bool:
@@ -46,7 +52,7 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
     types: dict[str, DesktopType] = {}
     for name, table in tables.items():
         where = f"{source}: [desktop_types.{name}]"
-        if not TYPE_NAME.match(name) or len(name) > MAX_TYPE_NAME:
+        if not TYPE_NAME.fullmatch(name) or len(name) > MAX_TYPE_NAME:
             raise DesktopTypesError(
                 f"{where}: a type name is lower-case letters, digits and single dashes, "
                 f"at most {MAX_TYPE_NAME} characters"
@@ -69,7 +75,9 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
         for key in ("image", "endpoint", "username", "password"):
             if key in table and not isinstance(table[key], str):
                 raise DesktopTypesError(f"{where}: {key} must be a string")
-        options = {k: v for k, v in table.items() if k in _IMAGE_KEYS}
+        if endpoint is not None and set(table) & _IMAGE_KEYS:
+            keys = ", ".join(sorted(set(table) & _IMAGE_KEYS))
+            raise DesktopTypesError(f"{where}: {keys} only apply to image types")
         types[name] = DesktopType(
             name=name,
             title=title.strip(),
@@ -77,9 +85,67 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             endpoint=endpoint,
             username=table.get("username", "kasm_user"),
             password=table.get("password"),
-            options=MappingProxyType(options),
+            memory=_size(table["memory"], f"{where}: memory") if "memory" in table else None,
+            nano_cpus=_cpus(table["cpus"], where) if "cpus" in table else None,
+            shm_size=_size(table.get("shm_size", "512m"), f"{where}: shm_size"),
+            env=MappingProxyType(_env(table.get("env", {}), where)),
+            mounts=_mounts(table.get("mounts", []), where),
         )
     return types
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(value: object, where: str) -> int:
+    """``"512m"``, ``"4g"`` or a number of bytes, as Docker's command line takes them."""
+    match = re.fullmatch(r"(\d+)([bkmg]?)", str(value).strip().lower())
+    if match is None or int(match.group(1)) <= 0:
+        raise DesktopTypesError(f'{where}: a size like "512m" or "4g", got {value!r}')
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _cpus(value: object, where: str) -> int:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 256:
+        raise DesktopTypesError(f"{where}: cpus must be a number like 2 or 1.5, got {value!r}")
+    return int(value * 1_000_000_000)
+
+
+def _env(value: object, where: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | float) for k, v in value.items()
+    ):
+        raise DesktopTypesError(
+            f'{where}: env must be a table of strings, e.g. env = {{ TZ = "Europe/Berlin" }}'
+        )
+    reserved = {"VNC_PW", "VNC_VIEW_ONLY_PW"} & set(value)
+    if reserved:
+        raise DesktopTypesError(
+            f"{where}: env may not set {', '.join(sorted(reserved))}: the gateway sets it"
+        )
+    return {k: str(v) for k, v in value.items()}
+
+
+def _mounts(value: object, where: str) -> tuple[Mount, ...]:
+    if not isinstance(value, list):
+        raise DesktopTypesError(f"{where}: mounts must be a list of {{ source, target, read_only }} tables")
+    mounts = []
+    for item in value:
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("source"), str)
+            and isinstance(item.get("target"), str)
+            and str(item["source"]).startswith("/")
+            and str(item["target"]).startswith("/")
+            and isinstance(item.get("read_only", True), bool)
+            and set(item) <= {"source", "target", "read_only"}
+        ):
+            raise DesktopTypesError(
+                f'{where}: each mount is {{ source = "/srv/share", target = "/home/kasm-user/share", '
+                f"read_only = true }}, got {item!r}"
+            )
+        mounts.append(Mount(item["source"], item["target"], item.get("read_only", True)))
+    return tuple(mounts)
 
 
 def load_desktop_types(path: Path | None) -> dict[str, DesktopType]:

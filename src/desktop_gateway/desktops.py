@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Mapping
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -48,6 +48,31 @@ class DesktopNotFound(DesktopError):
 class TypeUnavailable(DesktopError):
     status = 503
     title = "Desktop type unavailable"
+
+
+class OverLimit(DesktopError):
+    status = 429
+    title = "Too many desktops"
+    retry_after = 60
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Running (or starting) desktops allowed per user and in all; 0 means no limit."""
+
+    per_user: int = 0
+    total: int = 0
+
+
+ACTIVE_STATES = (DesktopState.STARTING.value, DesktopState.RUNNING.value, DesktopState.STOPPING.value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Requested:
+    view: DesktopView
+    user_id: int
+    already_running: bool
+    needs_start: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,30 +140,80 @@ async def ensure_user(db: AsyncSession, username: str) -> User:
 
 
 async def request_desktop(
-    db: AsyncSession, types: Mapping[str, DesktopType], raw_user: object, type_name: object
-) -> tuple[DesktopView, bool]:
-    """Start (or find) ``raw_user``'s desktop of ``type_name``; return it and whether it was already running.
+    db: AsyncSession,
+    types: Mapping[str, DesktopType],
+    raw_user: object,
+    type_name: object,
+    *,
+    limits: Limits = Limits(),
+    instance: str = "default",
+    can_run_images: bool = False,
+) -> Requested:
+    """Start (or find) ``raw_user``'s desktop of ``type_name``. The caller commits.
 
-    The caller commits.
+    ``needs_start`` is true for exactly one of any number of concurrent requests: the one whose insert
+    or conditional update moved the desktop into ``starting``; that caller launches it.
     """
     username = normalise_username(raw_user)
     desktop_type = types.get(type_name) if isinstance(type_name, str) else None
     if desktop_type is None:
         known = ", ".join(sorted(types)) or "none are configured"
         raise UnknownDesktopType(f"desktop_type must be one of the configured types ({known})")
-    if not desktop_type.is_static:
+    if not desktop_type.is_static and not can_run_images:
         raise TypeUnavailable(
-            f"desktop type {desktop_type.name!r} runs a container image, and this gateway has no container "
-            "runtime configured; use a type with an endpoint"
+            f"desktop type {desktop_type.name!r} runs a container image, and the gateway cannot reach "
+            "its Docker engine right now; try again later or ask the school's IT"
         )
     user = await ensure_user(db, username)
     desktop = await _find(db, user.id, desktop_type.name)
-    if desktop is None:
-        desktop = await _create(db, user, desktop_type)
-    already_running = desktop.state == DesktopState.RUNNING
-    if not already_running:
+    if desktop is not None and desktop.state in ACTIVE_STATES:
+        running = desktop.state == DesktopState.RUNNING
+        return Requested(DesktopView.of(desktop, username), user.id, running, needs_start=False)
+    await _check_limits(db, user.id, limits)
+    if desktop_type.is_static:
+        if desktop is None:
+            desktop, _ = await _create(db, user, desktop_type, instance)
         _mark_running_static(desktop, desktop_type)
-    return DesktopView.of(desktop, username), already_running
+        return Requested(DesktopView.of(desktop, username), user.id, False, needs_start=False)
+    if desktop is None:
+        desktop, created = await _create(db, user, desktop_type, instance)
+        return Requested(DesktopView.of(desktop, username), user.id, False, needs_start=created)
+    claimed = await db.execute(
+        update(Desktop)
+        .where(
+            Desktop.id == desktop.id,
+            Desktop.state.in_((DesktopState.STOPPED.value, DesktopState.FAILED.value)),
+        )
+        .values(
+            state=DesktopState.STARTING.value,
+            state_changed_at=utcnow(),
+            failure_reason=None,
+            instance=instance,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    await db.refresh(desktop)
+    needs_start = getattr(claimed, "rowcount", 0) == 1
+    return Requested(DesktopView.of(desktop, username), user.id, False, needs_start=needs_start)
+
+
+async def _check_limits(db: AsyncSession, user_id: int, limits: Limits) -> None:
+    if limits.per_user:
+        mine = await db.scalar(
+            select(func.count())
+            .select_from(Desktop)
+            .where(Desktop.user_id == user_id, Desktop.state.in_(ACTIVE_STATES))
+        )
+        if (mine or 0) >= limits.per_user:
+            raise OverLimit(
+                f"this user already has {mine} desktop(s) running, the most allowed; stop one first"
+            )
+    if limits.total:
+        everyone = await db.scalar(
+            select(func.count()).select_from(Desktop).where(Desktop.state.in_(ACTIVE_STATES))
+        )
+        if (everyone or 0) >= limits.total:
+            raise OverLimit(f"all {limits.total} desktops this gateway may run are in use; try again shortly")
 
 
 async def _find(db: AsyncSession, user_id: int, type_name: str) -> Desktop | None:
@@ -146,7 +221,9 @@ async def _find(db: AsyncSession, user_id: int, type_name: str) -> Desktop | Non
     return (await db.execute(query)).scalar_one_or_none()
 
 
-async def _create(db: AsyncSession, user: User, desktop_type: DesktopType) -> Desktop:
+async def _create(
+    db: AsyncSession, user: User, desktop_type: DesktopType, instance: str
+) -> tuple[Desktop, bool]:
     desktop_id = uuid.uuid4().hex
     name = f"{user.username}-{desktop_type.name}"
     if (await db.execute(select(Desktop.id).where(Desktop.name == name))).first() is not None:
@@ -158,6 +235,7 @@ async def _create(db: AsyncSession, user: User, desktop_type: DesktopType) -> De
         user_id=user.id,
         desktop_type=desktop_type.name,
         state=DesktopState.STARTING.value,
+        instance=instance,
     )
     try:
         async with db.begin_nested():
@@ -167,18 +245,15 @@ async def _create(db: AsyncSession, user: User, desktop_type: DesktopType) -> De
         existing = await _find(db, user.id, desktop_type.name)
         if existing is None:
             raise
-        return existing
-    return desktop
+        return existing, False
+    return desktop, True
 
 
 def _mark_running_static(desktop: Desktop, desktop_type: DesktopType) -> None:
-    desktop.state = DesktopState.RUNNING.value
+    set_state(desktop, DesktopState.RUNNING)
     desktop.endpoint = desktop_type.endpoint
     desktop.vnc_username = desktop_type.username
     desktop.vnc_password = desktop_type.password
-    desktop.failure_reason = None
-    desktop.started_at = utcnow()
-    desktop.stopped_at = None
 
 
 async def get_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
@@ -201,8 +276,8 @@ async def list_desktops(db: AsyncSession, raw_user: object | None = None) -> lis
     return [DesktopView.of(d, u) for d, u in (await db.execute(query)).all()]
 
 
-async def stop_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
-    """Mark the desktop stopped; the caller commits and then ends its relays."""
+async def load(db: AsyncSession, desktop_id: str) -> tuple[Desktop, str]:
+    """The desktop row (for update) and its owner's name; :class:`DesktopNotFound` if there is none."""
     row = (
         await db.execute(
             select(Desktop, User.username)
@@ -212,11 +287,26 @@ async def stop_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
     ).one_or_none()
     if row is None:
         raise DesktopNotFound(f"there is no desktop with id {desktop_id!r}")
-    desktop, username = row
-    if desktop.state != DesktopState.STOPPED:
-        desktop.state = DesktopState.STOPPED.value
+    return row[0], row[1]
+
+
+def set_state(desktop: Desktop, state: DesktopState, reason: str | None = None) -> None:
+    """Move ``desktop`` to ``state``; a stopped or failed desktop gives back its port and credentials."""
+    desktop.state = state.value
+    desktop.state_changed_at = utcnow()
+    if state in (DesktopState.STOPPED, DesktopState.FAILED):
+        desktop.container_id = None
+        desktop.host = None
+        desktop.host_port = None
+        desktop.endpoint = None
+        desktop.vnc_password = None
         desktop.stopped_at = utcnow()
-    return DesktopView.of(desktop, username)
+        desktop.failure_reason = reason if state == DesktopState.FAILED else None
+    elif state == DesktopState.RUNNING:
+        desktop.started_at = utcnow()
+        desktop.last_activity_at = desktop.started_at
+        desktop.stopped_at = None
+        desktop.failure_reason = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.db.models import Desktop, DesktopState
 from desktop_gateway.desktop_types import load_desktop_types
+from desktop_gateway.runtime.docker import DockerRuntime
 from desktop_gateway.settings import Settings
 
 
@@ -27,6 +28,19 @@ async def doctor(settings: Settings) -> int:
         if types
         else "no desktop types: set DESKTOP_GATEWAY_DESKTOP_TYPES to a TOML file",
     )
+    runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+    try:
+        version = await runtime.ping()
+        report(True, f"Docker engine {version} at {settings.docker_url}")
+    except Exception as exc:
+        needed = any(not t.is_static for t in types.values())
+        report(
+            not needed,
+            f"Docker engine at {settings.docker_url} does not answer ({exc})"
+            + ("; container desktop types cannot start" if needed else "; only needed for image types"),
+        )
+    finally:
+        await runtime.close()
     engine = create_engine(settings.database_url.reveal())
     try:
         try:

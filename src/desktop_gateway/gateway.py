@@ -18,9 +18,13 @@ from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
 from desktop_gateway.desktops import sync_desktop_types
+from desktop_gateway.events import DesktopEvents
 from desktop_gateway.identity import SessionCodec
 from desktop_gateway.launch import LaunchTokens
+from desktop_gateway.launcher import Launcher
 from desktop_gateway.relayhub import RelayHub
+from desktop_gateway.runtime import ContainerRuntime
+from desktop_gateway.runtime.docker import DockerRuntime
 from desktop_gateway.settings import Settings
 from desktop_gateway.upstream import unverified_tls
 
@@ -46,6 +50,24 @@ class Gateway:
     hub: RelayHub
     audit: AuditLog
     assets: httpx.AsyncClient
+    runtime: ContainerRuntime
+    events: DesktopEvents
+    launcher: Launcher
+    maintenance: asyncio.Task[None] | None = None
+
+    @property
+    def has_image_types(self) -> bool:
+        return any(not t.is_static for t in self.desktop_types.values())
+
+    async def docker_reachable(self) -> bool:
+        """Whether the Docker engine answers now (a few seconds at most)."""
+        try:
+            async with asyncio.timeout(5):
+                await self.runtime.ping()
+        except Exception as exc:
+            log.warning("the Docker engine at %s does not answer: %s", self.settings.docker_url, exc)
+            return False
+        return True
 
     async def going_away(self, grace: float = 5.0) -> None:
         """Close every relay with 1001 and wait (at most ``grace`` seconds) for them to finish."""
@@ -72,7 +94,8 @@ async def prepare_database(settings: Settings, engine: AsyncEngine) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterator[Gateway]:
+    """Everything a gateway process shares. ``maintain``: reconcile with Docker now and periodically."""
     types = load_desktop_types(settings.desktop_types_file)
     engine = create_engine(settings.database_url.reveal())
     try:
@@ -81,6 +104,8 @@ async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
         async with sessions() as db:
             await sync_desktop_types(db, types)
             await db.commit()
+        hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions)
+        runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
         gateway = Gateway(
             settings=settings,
             engine=engine,
@@ -88,19 +113,32 @@ async def open_gateway(settings: Settings) -> AsyncIterator[Gateway]:
             desktop_types=types,
             codec=SessionCodec(settings.secret_key.reveal(), settings.session_max_age),
             launch_tokens=LaunchTokens(settings.secret_key.reveal(), settings.launch_token_max_age),
-            hub=RelayHub(),
-            audit=AuditLog(sessions),
+            hub=hub,
+            audit=audit,
             assets=asset_client(),
+            runtime=runtime,
+            events=events,
+            launcher=Launcher(settings, sessions, types, runtime, events, hub, audit),
         )
         gateway.audit.start()
         _LIVE.add(gateway)
         try:
+            if maintain and gateway.has_image_types and await gateway.docker_reachable():
+                await gateway.launcher.reconcile()
+            if maintain:
+                gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
             yield gateway
         finally:
             _LIVE.discard(gateway)
+            if gateway.maintenance is not None:
+                gateway.maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gateway.maintenance
+            await gateway.launcher.close()
             await gateway.going_away()
             await gateway.audit.close()
             await gateway.assets.aclose()
+            await gateway.runtime.close()
     finally:
         await engine.dispose()
 

@@ -41,6 +41,16 @@ class Outcome:
     error: BaseException | None = None
 
 
+# RFB client messages a person causes: KeyEvent, PointerEvent, ClientCutText. noVNC sends each RFB message
+# as one WebSocket message, so the first byte tells; FramebufferUpdateRequests (3) are the client's own.
+_USER_INPUT = frozenset((4, 5, 6))
+
+
+def is_user_input(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a browser message is real user input (for the idle limit), not the viewer's own traffic."""
+    return len(data) > 0 and data[0] in _USER_INPUT
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _BrowserGone:
     code: int | None
@@ -59,11 +69,11 @@ async def _browser_to_container(
                 text: str = message.get("text") or ""
                 if len(text) <= MAX_FRAME // 4:
                     await upstream.send(text)
-                    handle.last_input = time.monotonic()
                     continue
                 data = text.encode()
             handle.bytes_up += len(data)
-            handle.last_input = time.monotonic()
+            if is_user_input(data):
+                handle.last_input = time.monotonic()
             if len(data) <= MAX_FRAME:
                 await upstream.send(data)
             else:

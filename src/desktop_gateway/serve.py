@@ -8,21 +8,22 @@ once, in the parent, before any worker starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 
 from desktop_gateway import __version__
 from desktop_gateway.browserws import BrowserWebSocketProtocol
-from desktop_gateway.db.engine import create_engine
 from desktop_gateway.desktop_types import load_desktop_types
-from desktop_gateway.gateway import SchemaOutdated, all_going_away, prepare_database
+from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
 from desktop_gateway.settings import Settings
 
 log = logging.getLogger("desktop_gateway")
@@ -34,6 +35,14 @@ class GatewayServer(uvicorn.Server):
             server.close()
         await all_going_away()
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so the process would die of the signal
+        # (exit -15) after a clean shutdown; exit normally instead, as the multi-worker parent does.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uvicorn.Config:
@@ -57,11 +66,14 @@ def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uv
 
 
 async def _prepare(settings: Settings) -> None:
-    engine = create_engine(settings.database_url.reveal())
-    try:
-        await prepare_database(settings, engine)
-    finally:
-        await engine.dispose()
+    """Once, before any worker runs: check or upgrade the schema, and reconcile with Docker.
+
+    No start can be in progress yet, so every desktop still marked ``starting`` was interrupted (the
+    gateway crashed or was killed): its container is removed and its port freed.
+    """
+    async with open_gateway(settings, maintain=False) as gateway:
+        if gateway.has_image_types and await gateway.docker_reachable():
+            await gateway.launcher.reconcile(fresh=True)
 
 
 def _announce(settings: Settings, host: str, port: int, workers: int) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -66,6 +68,16 @@ class Settings:
     log_level: str
     embedded_database: bool
     forwarded_allow_ips: str = "127.0.0.1,::1"
+    instance: str = "default"
+    docker_tls: tuple[Path, Path, Path] | None = None
+    start_timeout: int = 90
+    idle_timeout: int = 30 * 60
+    max_age: int = 8 * 3600
+    idle_warning: int = 5 * 60
+    max_desktops_per_user: int = 0
+    max_desktops: int = 0
+    maintenance_interval: int = 30
+    container_bind_ip: str = "127.0.0.1"
 
     @property
     def database_url_for_display(self) -> str:
@@ -79,6 +91,15 @@ class Settings:
             return None
         parts = urlsplit(self.public_url)
         return f"{parts.scheme}://{parts.netloc}".lower()
+
+    def docker_tls_context(self) -> ssl.SSLContext | None:
+        """Client certificates for a remote Docker host (``tcp://host:2376``), verified against its CA."""
+        if self.docker_tls is None:
+            return None
+        ca, cert, key = self.docker_tls
+        context = ssl.create_default_context(cafile=str(ca))
+        context.load_cert_chain(str(cert), str(key))
+        return context
 
     @property
     def secure_cookies(self) -> bool:
@@ -144,6 +165,28 @@ def _secret_key(env: Mapping[str, str], workdir: Path, errors: list[str]) -> tup
     return Secret(value), f"generated and kept in {path}"
 
 
+def _instance(env: Mapping[str, str], errors: list[str]) -> str:
+    raw = env.get(PREFIX + "INSTANCE", "") or "default"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", raw):
+        errors.append(f"{PREFIX}INSTANCE: lower-case letters, digits and dashes, at most 31, got {raw!r}")
+    return raw
+
+
+def _docker_tls(env: Mapping[str, str], errors: list[str]) -> tuple[Path, Path, Path] | None:
+    names = ("DOCKER_TLS_CA", "DOCKER_TLS_CERT", "DOCKER_TLS_KEY")
+    raw = [env.get(PREFIX + n, "") for n in names]
+    if not any(raw):
+        return None
+    if not all(raw):
+        errors.append(f"{PREFIX}DOCKER_TLS_CA, _CERT and _KEY go together: set all three or none")
+        return None
+    paths = tuple(Path(r) for r in raw)
+    for name, path in zip(names, paths, strict=True):
+        if not path.is_file():
+            errors.append(f"{PREFIX}{name}: no such file {str(path)!r}")
+    return (paths[0], paths[1], paths[2])
+
+
 def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``); raise :class:`SettingsError`."""
     env = os.environ if env is None else env
@@ -191,11 +234,11 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
                 f"got {public_url!r}"
             )
 
-    log_level = env.get(PREFIX + "LOG_LEVEL", "INFO").upper()
+    log_level = (env.get(PREFIX + "LOG_LEVEL", "") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         errors.append(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
 
-    timeout_raw = env.get(PREFIX + "UPSTREAM_CONNECT_TIMEOUT", "10")
+    timeout_raw = env.get(PREFIX + "UPSTREAM_CONNECT_TIMEOUT", "") or "10"
     try:
         timeout = float(timeout_raw)
         if not 0 < timeout <= 300:
@@ -219,6 +262,18 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         log_level=log_level,
         embedded_database=embedded,
         forwarded_allow_ips=env.get(PREFIX + "FORWARDED_ALLOW_IPS", "") or "127.0.0.1,::1",
+        instance=_instance(env, errors),
+        docker_tls=_docker_tls(env, errors),
+        start_timeout=_int(env, "START_TIMEOUT", 90, errors, minimum=5),
+        idle_timeout=_int(env, "IDLE_TIMEOUT", 30 * 60, errors, minimum=0),
+        max_age=_int(env, "MAX_AGE", 8 * 3600, errors, minimum=0),
+        idle_warning=_int(env, "IDLE_WARNING", 5 * 60, errors, minimum=0),
+        max_desktops_per_user=_int(env, "MAX_DESKTOPS_PER_USER", 0, errors, minimum=0),
+        max_desktops=_int(env, "MAX_DESKTOPS", 0, errors, minimum=0),
+        maintenance_interval=_int(env, "MAINTENANCE_INTERVAL", 30, errors, minimum=1),
+        container_bind_ip=env.get(PREFIX + "CONTAINER_BIND_IP", "")
+        or env.get(PREFIX + "CONTAINER_HOST", "")
+        or "127.0.0.1",
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))

@@ -185,12 +185,10 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
     )
     gateway.audit.record("connect", username, name, None)
 
-    async def still_running() -> bool:
-        async with gateway.sessions() as db:
-            return await desktops.is_running(db, found.desktop_id)
-
     try:
-        outcome = await relay(receive, send, conn, handle, still_running)
+        outcome = await relay(
+            receive, send, conn, handle, lambda: gateway.launcher.still_running(found.desktop_id)
+        )
     except asyncio.CancelledError:
         await conn.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
         raise

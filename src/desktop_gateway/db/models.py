@@ -83,6 +83,8 @@ class Desktop(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     desktop_type: Mapped[str] = mapped_column(ForeignKey("desktop_types.name"))
     state: Mapped[str] = mapped_column(String(16), default=DesktopState.STARTING.value)
+    state_changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    instance: Mapped[str | None] = mapped_column(String(32))
     container_id: Mapped[str | None] = mapped_column(String(80))
     host: Mapped[str | None] = mapped_column(String(255))
     host_port: Mapped[int | None] = mapped_column(Integer, unique=True)

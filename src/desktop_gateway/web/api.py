@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from desktop_gateway import apikeys, closepolicy, desktops
+from desktop_gateway import apikeys, desktops
 from desktop_gateway.db.models import DesktopState
-from desktop_gateway.desktops import DesktopError, DesktopView
+from desktop_gateway.desktops import DesktopError, DesktopView, Limits, OverLimit
+from desktop_gateway.events import DesktopEvent
 from desktop_gateway.gateway import Gateway
+from desktop_gateway.runtime import RuntimeFailure
 from desktop_gateway.web.openapi import OPENAPI
 from desktop_gateway.web.problems import problem
 
@@ -63,7 +66,8 @@ def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         try:
             return await handler(request, gateway)
         except DesktopError as exc:
-            return problem(exc.status, exc.title, str(exc))
+            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverLimit) else None
+            return problem(exc.status, exc.title, str(exc), headers=headers)
 
     return endpoint
 
@@ -90,15 +94,32 @@ async def create_desktop(request: Request, gateway: Gateway) -> Response:
     missing = [k for k in ("user", "desktop_type") if k not in data]
     if missing:
         return problem(422, "Missing fields", f"the body needs {' and '.join(missing)}")
+    desktop_type = (
+        gateway.desktop_types.get(data["desktop_type"]) if isinstance(data["desktop_type"], str) else None
+    )
+    can_run_images = (
+        desktop_type is not None and not desktop_type.is_static and await gateway.docker_reachable()
+    )
+    settings = gateway.settings
     async with gateway.sessions() as db:
-        view, already_running = await desktops.request_desktop(
-            db, gateway.desktop_types, data["user"], data["desktop_type"]
+        requested = await desktops.request_desktop(
+            db,
+            gateway.desktop_types,
+            data["user"],
+            data["desktop_type"],
+            limits=Limits(settings.max_desktops_per_user, settings.max_desktops),
+            instance=settings.instance,
+            can_run_images=can_run_images,
         )
-        user_id = (await desktops.ensure_user(db, view.user)).id
         await db.commit()
-    if not already_running:
-        gateway.audit.record("start", view.user, view.name, view.desktop_type)
-    launch = gateway.launch_tokens.issue(user_id, view.name)
+    view = requested.view
+    if requested.needs_start:
+        gateway.events.publish(view.id, "requested", "the desktop was requested", "starting")
+        gateway.launcher.start_in_background(view.id)
+        gateway.audit.record("start", view.user, view.name, f"{view.desktop_type}: starting")
+    elif not requested.already_running and view.state == DesktopState.RUNNING:
+        gateway.audit.record("start", view.user, view.name, f"{view.desktop_type}: endpoint")
+    launch = gateway.launch_tokens.issue(requested.user_id, view.name)
     status = 200 if view.state == DesktopState.RUNNING else 202
     return JSONResponse(
         _json(view, f"{base_url(request, gateway)}/launch/{launch}"),
@@ -120,12 +141,67 @@ async def get_one(request: Request, gateway: Gateway) -> Response:
 
 
 async def delete_one(request: Request, gateway: Gateway) -> Response:
-    async with gateway.sessions() as db:
-        view = await desktops.stop_desktop(db, request.path_params["desktop_id"])
-        await db.commit()
-    ended = gateway.hub.stop_desktop(view.id, closepolicy.DESKTOP_STOPPED)
-    gateway.audit.record("stop", view.user, view.name, f"by portal; {ended} connections ended")
+    try:
+        view = await gateway.launcher.stop(request.path_params["desktop_id"], "stopped by the portal")
+    except RuntimeFailure as exc:
+        return problem(
+            503,
+            "Could not stop",
+            f"the Docker engine could not remove the desktop: {exc}; it is "
+            "removed as soon as Docker answers again",
+        )
+    gateway.audit.record("stop", view.user, view.name, "by the portal")
     return JSONResponse(_json(view))
+
+
+TERMINAL_STEPS = ("ready", "failed", "stopped")
+
+
+async def events(request: Request, gateway: Gateway) -> Response:
+    """Progress as server-sent events; ends once the desktop is running, failed or stopped."""
+    async with gateway.sessions() as db:
+        view = await desktops.get_desktop(db, request.path_params["desktop_id"])
+
+    async def stream() -> AsyncIterator[str]:
+        with gateway.events.subscribe(view.id) as queue:
+            yield DesktopEvent(view.id, "state", f"the desktop is {view.state.value}", view.state.value).sse()
+            if view.state != DesktopState.STARTING:
+                return
+            for event in gateway.events.history(view.id):
+                yield event.sse()
+                if event.step in TERMINAL_STEPS:
+                    return
+            idle = 0.0
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except TimeoutError:
+                    idle += 1.0
+                    # Another worker may be starting it: the database has the final word.
+                    async with gateway.sessions() as db:
+                        current = await desktops.get_desktop(db, view.id)
+                    if current.state != DesktopState.STARTING:
+                        step = {"running": "ready", "failed": "failed"}.get(current.state.value, "stopped")
+                        yield DesktopEvent(
+                            view.id,
+                            step,
+                            current.failure_reason or f"the desktop is {current.state.value}",
+                            current.state.value,
+                        ).sse()
+                        return
+                    if idle >= 15:
+                        idle = 0.0
+                        yield ": keep-alive\n\n"
+                    continue
+                yield event.sse()
+                if event.step in TERMINAL_STEPS:
+                    return
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 async def new_launch(request: Request, gateway: Gateway) -> Response:
@@ -148,4 +224,5 @@ routes = [
     Route("/api/v1/desktops/{desktop_id}", portal_only(get_one), methods=["GET"]),
     Route("/api/v1/desktops/{desktop_id}", portal_only(delete_one), methods=["DELETE"]),
     Route("/api/v1/desktops/{desktop_id}/launch", portal_only(new_launch), methods=["POST"]),
+    Route("/api/v1/desktops/{desktop_id}/events", portal_only(events), methods=["GET"]),
 ]

@@ -6,14 +6,16 @@ import logging
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from sqlalchemy import text
+from sqlalchemy import select, text
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from desktop_gateway import closepolicy, desktops, identity, launch
+from desktop_gateway.db.models import Desktop, DesktopState, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
+from desktop_gateway.launcher import stop_deadline
 
 log = logging.getLogger("desktop_gateway.pages")
 _templates = Environment(
@@ -82,7 +84,39 @@ async def viewer_page(request: Request) -> Response:
     viewer_src = (
         f"/desktop/{name}/vnc.html?autoconnect=1&resize=remote&reconnect=1&path=desktop/{name}/websockify"
     )
-    return render("viewer.html", desktop_name=name, viewer_src=viewer_src)
+    return render("viewer.html", desktop_name=name, viewer_src=viewer_src, status_url=f"/status/{name}")
+
+
+async def desktop_status(request: Request) -> Response:
+    """For the viewer page of the signed-in owner: the state, and when and why the desktop will be stopped."""
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    if who is None:
+        return JSONResponse({"error": "not signed in"}, status_code=401, headers=_PAGE_HEADERS)
+    async with gateway.sessions() as db:
+        desktop = (
+            await db.execute(select(Desktop).where(Desktop.name == request.path_params["name"]))
+        ).scalar()
+    if desktop is None or desktop.user_id != who.user_id:
+        return JSONResponse({"error": "no such desktop"}, status_code=404, headers=_PAGE_HEADERS)
+    body: dict[str, object] = {
+        "state": desktop.state,
+        "failure_reason": desktop.failure_reason,
+        "stops_at": None,
+        "stop_reason": None,
+        "warning": False,
+    }
+    if desktop.state == DesktopState.RUNNING and desktop.container_id is not None:
+        last = max(
+            filter(None, (desktop.last_activity_at, gateway.launcher.activity().get(desktop.id))),
+            default=None,
+        )
+        deadline = stop_deadline(gateway.settings, desktop.started_at, last)
+        if deadline is not None:
+            when, why = deadline
+            body["stops_at"], body["stop_reason"] = when.isoformat(), why
+            body["warning"] = (when - utcnow()).total_seconds() <= gateway.settings.idle_warning
+    return JSONResponse(body, headers=_PAGE_HEADERS)
 
 
 async def logout(request: Request) -> Response:
@@ -118,6 +152,7 @@ routes = [
     Route("/launch/{token}", launch_page, methods=["GET"]),
     Route("/desktop/{name}", viewer_page, methods=["GET"]),
     Route("/logout", logout, methods=["POST"]),
+    Route("/status/{name}", desktop_status, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

@@ -1,0 +1,94 @@
+"""The container runtime contract: what the gateway needs from whatever runs desktops.
+
+Small on purpose (ensure an image, start, stop, inspect, list), so the use cases never see Docker's API.
+A container that no longer exists is :attr:`ContainerState.GONE`, never an exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+LABEL_PREFIX = "desktop-gateway."
+LABEL_MANAGED = LABEL_PREFIX + "managed"
+LABEL_INSTANCE = LABEL_PREFIX + "instance"
+LABEL_DESKTOP_ID = LABEL_PREFIX + "desktop-id"
+LABEL_OWNER = LABEL_PREFIX + "owner"
+LABEL_TYPE = LABEL_PREFIX + "desktop-type"
+
+
+class ContainerState(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    EXITED = "exited"
+    GONE = "gone"
+
+
+class RuntimeFailure(Exception):
+    """The runtime could not do what was asked; the message is fit for a desktop's failure reason."""
+
+
+class PortTaken(RuntimeFailure):
+    """The host port is used by something the database does not know about; try another one."""
+
+
+class ImageUnavailable(RuntimeFailure):
+    """The image is not on the host and could not be pulled."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool = True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    name: str
+    image: str
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    host_ip: str
+    host_port: int
+    home_volume: str
+    memory: int | None = None
+    nano_cpus: int | None = None
+    shm_size: int = 512 * 1024 * 1024
+    mounts: Sequence[Mount] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ContainerInfo:
+    id: str
+    name: str
+    state: ContainerState
+    labels: Mapping[str, str]
+
+
+Progress = Callable[[str], None]
+
+
+class ContainerRuntime(Protocol):
+    instance: str
+
+    async def ensure_image(self, image: str, progress: Progress) -> None:
+        """Pull ``image`` unless the host has it, reporting progress; raise :class:`ImageUnavailable`."""
+
+    async def start(self, spec: ContainerSpec) -> str:
+        """Create and start a container; return its id. Leaves nothing behind when it raises."""
+
+    async def stop(self, container_id: str) -> None:
+        """Remove the container (its home volume stays). A container already gone is not an error."""
+
+    async def inspect(self, container_id: str) -> ContainerState: ...
+
+    async def list(self) -> list[ContainerInfo]:
+        """The containers this gateway instance manages, in any state."""
+
+    async def ping(self) -> str:
+        """The engine's version; raise if it cannot be reached."""
+
+    async def close(self) -> None: ...

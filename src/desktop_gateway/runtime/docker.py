@@ -1,0 +1,151 @@
+"""The Docker implementation of the runtime contract, on aiodocker.
+
+The Docker host may be this machine (``unix://``) or another one (``tcp://host:2376`` with TLS client
+certificates). Docker's 404 is translated into "gone" here, at the edge, so nothing above this module
+handles Docker errors by status code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from desktop_gateway.runtime import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    ContainerInfo,
+    ContainerSpec,
+    ContainerState,
+    ImageUnavailable,
+    PortTaken,
+    Progress,
+    RuntimeFailure,
+)
+
+log = logging.getLogger("desktop_gateway.runtime")
+KASM_PORT = "6901/tcp"
+
+
+def _state(raw: str) -> ContainerState:
+    if raw == "running":
+        return ContainerState.RUNNING
+    if raw in ("created", "restarting"):
+        return ContainerState.CREATED
+    return ContainerState.EXITED
+
+
+def _port_taken(exc: DockerError) -> bool:
+    text = str(exc.message).lower()
+    return "port is already allocated" in text or "address already in use" in text
+
+
+class DockerRuntime:
+    def __init__(self, url: str, instance: str, tls: ssl.SSLContext | None = None) -> None:
+        self.instance = instance
+        self._docker = aiodocker.Docker(url=url, ssl_context=tls)
+
+    async def ping(self) -> str:
+        version: dict[str, Any] = await self._docker.version()
+        return str(version.get("Version", "unknown"))
+
+    async def ensure_image(self, image: str, progress: Progress) -> None:
+        try:
+            await self._docker.images.inspect(image)
+            return
+        except DockerError as exc:
+            if exc.status != 404:
+                raise RuntimeFailure(f"Docker could not look up the image {image}: {exc.message}") from exc
+        progress(f"pulling {image}")
+        try:
+            async for line in self._docker.images.pull(image, stream=True):
+                if "error" in line:
+                    raise ImageUnavailable(f"the image {image} could not be pulled: {line['error']}")
+                status = line.get("status")
+                if status and status in ("Downloading", "Extracting", "Pull complete", "Download complete"):
+                    progress(f"{status} {line.get('id', '')} {line.get('progress', '')}".strip())
+        except DockerError as exc:
+            raise ImageUnavailable(f"the image {image} could not be pulled: {exc.message}") from exc
+        progress(f"pulled {image}")
+
+    def _config(self, spec: ContainerSpec) -> dict[str, Any]:
+        host_config: dict[str, Any] = {
+            "PortBindings": {KASM_PORT: [{"HostIp": spec.host_ip, "HostPort": str(spec.host_port)}]},
+            "ShmSize": spec.shm_size,
+            "Mounts": [
+                {"Type": "volume", "Source": spec.home_volume, "Target": "/home/kasm-user"},
+                *(
+                    {"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
+                    for m in spec.mounts
+                ),
+            ],
+            "RestartPolicy": {"Name": "no"},
+        }
+        if spec.memory is not None:
+            host_config["Memory"] = spec.memory
+        if spec.nano_cpus is not None:
+            host_config["NanoCpus"] = spec.nano_cpus
+        return {
+            "Image": spec.image,
+            "Env": [f"{k}={v}" for k, v in spec.env.items()],
+            "Labels": dict(spec.labels),
+            "ExposedPorts": {KASM_PORT: {}},
+            "HostConfig": host_config,
+        }
+
+    async def start(self, spec: ContainerSpec) -> str:
+        # A container of this name is ours and stale (an interrupted start): its desktop starts anew.
+        await self.stop(spec.name)
+        try:
+            container = await self._docker.containers.create(self._config(spec), name=spec.name)
+        except DockerError as exc:
+            raise RuntimeFailure(f"Docker could not create the container: {exc.message}") from exc
+        try:
+            await container.start()
+        except DockerError as exc:
+            with contextlib.suppress(DockerError):
+                await container.delete(force=True)
+            if _port_taken(exc):
+                raise PortTaken(f"host port {spec.host_port} is taken") from exc
+            raise RuntimeFailure(f"Docker could not start the container: {exc.message}") from exc
+        return str(container.id)
+
+    async def stop(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).delete(force=True)
+        except DockerError as exc:
+            if exc.status != 404:
+                raise RuntimeFailure(f"Docker could not remove the container: {exc.message}") from exc
+
+    async def inspect(self, container_id: str) -> ContainerState:
+        try:
+            data = await self._docker.containers.container(container_id).show()
+        except DockerError as exc:
+            if exc.status == 404:
+                return ContainerState.GONE
+            raise RuntimeFailure(f"Docker could not inspect the container: {exc.message}") from exc
+        return _state(str(data.get("State", {}).get("Status", "")))
+
+    async def list(self) -> list[ContainerInfo]:
+        filters = f'{{"label": ["{LABEL_MANAGED}=true", "{LABEL_INSTANCE}={self.instance}"]}}'
+        containers = await self._docker.containers.list(all=True, filters=filters)
+        infos = []
+        for c in containers:
+            data = c._container
+            names = data.get("Names") or [""]
+            infos.append(
+                ContainerInfo(
+                    id=str(data["Id"]),
+                    name=str(names[0]).lstrip("/"),
+                    state=_state(str(data.get("State", ""))),
+                    labels=dict(data.get("Labels") or {}),
+                )
+            )
+        return infos
+
+    async def close(self) -> None:
+        await self._docker.close()
