@@ -1,0 +1,361 @@
+"""Container desktops on a real Docker engine, with the stand-in image (TigerVNC behind a Kasm-like front)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import httpx
+import pytest
+from sqlalchemy import select
+
+from conftest import StartGateway
+from desktop_gateway.db.models import Desktop
+from desktop_gateway.runtime import LABEL_INSTANCE
+from gatewaytest import RunningGateway, close_frame
+
+IMAGE = os.environ.get("DESKTOP_GATEWAY_TEST_IMAGE", "desktop-gateway/standin-desktop:latest")
+WAIT = 120  # seconds a test waits for desktops to come up on a busy 2-core machine
+
+
+def _docker_ready() -> str | None:
+    """None when the engine answers and has the image; else what is missing."""
+    try:
+        subprocess.run(["docker", "image", "inspect", IMAGE], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"Docker or the image {IMAGE} is not available ({exc}); run standin/build-image"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_image() -> str:
+    missing = _docker_ready()
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return IMAGE
+
+
+@pytest.fixture
+async def instance(docker_image: str) -> AsyncIterator[str]:
+    """A gateway instance name of its own, so this test sees only its own containers; cleaned up after."""
+    name = f"t{secrets.token_hex(4)}"
+    yield name
+    async with aiodocker.Docker() as docker:
+        for container in await docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{LABEL_INSTANCE}={name}"]})
+        ):
+            await container.delete(force=True)
+    for volume in (await docker_cli("volume", "ls", "-q")).split():
+        if volume.startswith(f"dg-home-{name}-"):
+            await docker_cli("volume", "rm", volume)
+
+
+async def docker_cli(*args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        "docker", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+def image_type(name: str, image: str, **extra: str) -> str:
+    lines = [
+        f"[desktop_types.{name}]",
+        'title = "Stand-in desktop"',
+        f'image = "{image}"',
+        'shm_size = "64m"',
+    ]
+    if extra:
+        lines.append("env = { " + ", ".join(f'{k} = "{v}"' for k, v in extra.items()) + " }")
+    return "\n".join(lines) + "\n\n"
+
+
+async def containers_of(instance: str) -> list[dict[str, Any]]:
+    async with aiodocker.Docker() as docker:
+        found = await docker.containers.list(
+            all=True, filters=json.dumps({"label": [f"{LABEL_INSTANCE}={instance}"]})
+        )
+        return [c._container for c in found]
+
+
+async def wait_for_state(gw: RunningGateway, desktop_id: str, states: tuple[str, ...]) -> dict[str, Any]:
+    """Follow the desktop's server-sent events until it reaches one of ``states``; return the desktop."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            async with (
+                gw.portal() as portal,
+                portal.stream("GET", f"/api/v1/desktops/{desktop_id}/events", timeout=WAIT) as stream,
+            ):
+                async for _ in stream.aiter_lines():
+                    pass
+            async with gw.portal() as portal:
+                desktop: dict[str, Any] = (await portal.get(f"/api/v1/desktops/{desktop_id}")).json()
+            if desktop["state"] in states:
+                return desktop
+            assert desktop["state"] == "starting", f"{desktop['state']}: {desktop['failure_reason']}"
+
+
+async def request(gw: RunningGateway, user: str, desktop_type: str) -> httpx.Response:
+    async with gw.portal() as portal:
+        return await portal.post(
+            "/api/v1/desktops", json={"user": user, "desktop_type": desktop_type}, timeout=WAIT
+        )
+
+
+async def row(gw: RunningGateway, desktop_id: str) -> Desktop:
+    async with gw.gateway.sessions() as db:
+        desktop = await db.get(Desktop, desktop_id)
+    assert desktop is not None
+    return desktop
+
+
+async def test_desktop_starts_relays_the_real_vnc_server_and_stops(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """A requested desktop reports its progress, becomes running, relays the real RFB greeting, and stops."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    response = await request(gw, "anna", "standin")
+    assert response.status_code == 202
+    desktop = response.json()
+    assert desktop["state"] == "starting"
+    steps: list[str] = []
+    async with (
+        gw.portal() as portal,
+        portal.stream("GET", f"/api/v1/desktops/{desktop['id']}/events", timeout=WAIT) as stream,
+    ):
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        async for line in stream.aiter_lines():
+            if line.startswith("event: "):
+                steps.append(line.removeprefix("event: "))
+    assert steps[-1] == "ready", steps
+    assert {"create", "start", "wait"} <= set(steps)
+
+    cookie = await gw.sign_in(desktop["launch_url"])
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        greeting = await asyncio.wait_for(ws.recv(), 30)
+        assert greeting == b"RFB 003.008\n"
+        stored = await row(gw, desktop["id"])
+        assert stored.host_port is not None
+        assert stored.vnc_password is not None
+        assert stored.vnc_password not in json.dumps(desktop)
+        [container] = await containers_of(instance)
+        assert container["Labels"]["desktop-gateway.owner"] == "anna"
+        assert container["Ports"][0]["IP"] == "127.0.0.1"
+        async with gw.portal() as portal:
+            stopped = (await portal.delete(f"/api/v1/desktops/{desktop['id']}")).json()
+        assert stopped["state"] == "stopped"
+        assert await close_frame(ws) == (1001, "The desktop was stopped.")
+    assert await containers_of(instance) == []
+    stored = await row(gw, desktop["id"])
+    assert (stored.host_port, stored.container_id, stored.vnc_password) == (None, None, None)
+    volume = await docker_cli("volume", "inspect", "-f", "{{.Name}}", f"dg-home-{instance}-anna-standin")
+    assert volume.strip() == f"dg-home-{instance}-anna-standin", "the home volume is kept"
+
+
+async def test_twenty_concurrent_requests_for_one_desktop_start_one_container(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """Twenty simultaneous requests for one user and type give one desktop and one container."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    responses = await asyncio.gather(*(request(gw, "anna", "standin") for _ in range(20)))
+    assert {r.status_code for r in responses} <= {200, 202}
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 1
+    await wait_for_state(gw, ids.pop(), ("running",))
+    assert len(await containers_of(instance)) == 1
+
+
+async def test_twenty_users_at_once_get_twenty_containers_on_distinct_ports(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """Twenty users starting at once get twenty running desktops, each on its own port."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    responses = await asyncio.gather(*(request(gw, f"student{i:02d}", "standin") for i in range(20)))
+    assert all(r.status_code == 202 for r in responses)
+    desktops = await asyncio.gather(
+        *(wait_for_state(gw, r.json()["id"], ("running", "failed")) for r in responses)
+    )
+    assert [d["state"] for d in desktops] == ["running"] * 20, [d["failure_reason"] for d in desktops]
+    async with gw.gateway.sessions() as db:
+        ports = list((await db.execute(select(Desktop.host_port))).scalars())
+    assert len(set(ports)) == 20
+    assert len(await containers_of(instance)) == 20
+
+
+async def test_desktop_that_never_becomes_ready_is_rolled_back(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """A desktop that never answers fails after the start timeout with its reason; nothing is left."""
+    gw = await start_gateway(
+        image_type("broken", docker_image, STANDIN_FAIL_READINESS="1"), instance=instance, start_timeout="5"
+    )
+    desktop = (await request(gw, "anna", "broken")).json()
+    failed = await wait_for_state(gw, desktop["id"], ("failed",))
+    assert "did not become ready within 5 seconds" in failed["failure_reason"]
+    assert await containers_of(instance) == []
+    assert (await row(gw, desktop["id"])).host_port is None
+
+
+async def test_image_that_cannot_be_pulled_fails_clearly(start_gateway: StartGateway, instance: str) -> None:
+    """An image that is neither on the host nor pullable gives a failed desktop saying so."""
+    gw = await start_gateway(image_type("missing", "127.0.0.1:9/no-such-image:1"), instance=instance)
+    desktop = (await request(gw, "anna", "missing")).json()
+    failed = await wait_for_state(gw, desktop["id"], ("failed",))
+    assert "could not be pulled" in failed["failure_reason"]
+    assert await containers_of(instance) == []
+
+
+async def test_killed_container_under_a_client_closes_it_and_stops_the_desktop(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """Killing a desktop's container under a connected browser closes it with 1001 and marks it stopped."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    cookie = await gw.sign_in(desktop["launch_url"])
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        assert await asyncio.wait_for(ws.recv(), 30) == b"RFB 003.008\n"
+        async with aiodocker.Docker() as docker:
+            [container] = await containers_of(instance)
+            await docker.containers.container(container["Id"]).kill()
+        assert await close_frame(ws) == (1001, "The desktop was stopped.")
+    stored = await row(gw, desktop["id"])
+    assert stored.state == "stopped"
+    assert stored.host_port is None
+
+
+async def test_idle_desktop_is_stopped(start_gateway: StartGateway, docker_image: str, instance: str) -> None:
+    """A desktop without user input for longer than the idle limit is stopped, and its viewer told 1001."""
+    gw = await start_gateway(
+        image_type("standin", docker_image), instance=instance, idle_timeout="2", maintenance_interval="1"
+    )
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    cookie = await gw.sign_in(desktop["launch_url"])
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        assert await asyncio.wait_for(ws.recv(), 30) == b"RFB 003.008\n"
+        code, _ = await close_frame(ws)
+    assert code == 1001
+    stored = await row(gw, desktop["id"])
+    assert stored.state == "stopped"
+    assert await containers_of(instance) == []
+
+
+async def test_per_user_limit_answers_429(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """Over the per-user limit the API answers 429 with Retry-After and starts nothing."""
+    gw = await start_gateway(
+        image_type("one", docker_image) + image_type("two", docker_image),
+        instance=instance,
+        max_desktops_per_user="1",
+    )
+    first = await request(gw, "anna", "one")
+    assert first.status_code == 202
+    second = await request(gw, "anna", "two")
+    assert second.status_code == 429
+    assert second.headers["content-type"] == "application/problem+json"
+    assert int(second.headers["retry-after"]) > 0
+    await wait_for_state(gw, first.json()["id"], ("running",))
+    assert len(await containers_of(instance)) == 1
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve(env: dict[str, str], workdir: Path, port: int) -> asyncio.subprocess.Process:
+    """Run ``desktop-gateway serve`` and return once it says it is listening."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "desktop_gateway",
+        "serve",
+        "--port",
+        str(port),
+        cwd=workdir,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(WAIT):
+        while b"Uvicorn running on" not in (line := await process.stderr.readline()):
+            assert line, "the gateway exited before it was ready"
+    return process
+
+
+async def test_gateway_killed_mid_start_leaves_nothing_after_restart(
+    database_url: str, docker_image: str, instance: str, tmp_path: Path, free_port: int
+) -> None:
+    """A gateway killed mid-start, then restarted, leaves no orphan container, row state or port."""
+    types = tmp_path / "types.toml"
+    types.write_text(image_type("standin", docker_image))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DESKTOP_GATEWAY_")}
+    env.update(
+        {
+            "DESKTOP_GATEWAY_DATABASE_URL": database_url,
+            "DESKTOP_GATEWAY_SECRET_KEY": "k" * 40,
+            "DESKTOP_GATEWAY_DESKTOP_TYPES": str(types),
+            "DESKTOP_GATEWAY_INSTANCE": instance,
+        }
+    )
+    first = await serve(env, tmp_path, free_port)
+    try:
+        creator = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "desktop_gateway",
+            "api-key",
+            "create",
+            "portal",
+            env=env,
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        key = (await creator.communicate())[0].decode().strip()
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{free_port}", headers={"Authorization": f"Bearer {key}"}
+        ) as portal:
+            desktop = (
+                await portal.post("/api/v1/desktops", json={"user": "anna", "desktop_type": "standin"})
+            ).json()
+            async with portal.stream(
+                "GET", f"/api/v1/desktops/{desktop['id']}/events", timeout=WAIT
+            ) as stream:
+                async for line in stream.aiter_lines():
+                    if line == "event: start":
+                        break  # the container runs; the desktop is not ready yet
+        assert len(await containers_of(instance)) == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+    second = await serve(env, tmp_path, free_port)
+    try:
+        assert await containers_of(instance) == []
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{free_port}", headers={"Authorization": f"Bearer {key}"}
+        ) as portal:
+            after = (await portal.get(f"/api/v1/desktops/{desktop['id']}")).json()
+        assert after["state"] == "failed"
+        assert "stopped while the desktop was starting" in after["failure_reason"]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.wait(), 30) == 0
