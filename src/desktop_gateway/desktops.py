@@ -225,28 +225,34 @@ async def _create(
     db: AsyncSession, user: User, desktop_type: DesktopType, instance: str
 ) -> tuple[Desktop, bool]:
     desktop_id = uuid.uuid4().hex
-    name = f"{user.username}-{desktop_type.name}"
-    if (await db.execute(select(Desktop.id).where(Desktop.name == name))).first() is not None:
-        # "a-b" + "c" and "a" + "b-c" meet at "a-b-c": keep names unique without refusing anyone.
-        name = f"{name}-{desktop_id[:6]}"
-    desktop = Desktop(
-        id=desktop_id,
-        name=name,
-        user_id=user.id,
-        desktop_type=desktop_type.name,
-        state=DesktopState.STARTING.value,
-        instance=instance,
-    )
-    try:
-        async with db.begin_nested():
-            db.add(desktop)
-    except IntegrityError:
-        # The same user and type requested concurrently: the other request's row wins.
-        existing = await _find(db, user.id, desktop_type.name)
-        if existing is None:
-            raise
-        return existing, False
-    return desktop, True
+    plain = f"{user.username}-{desktop_type.name}"
+    # "a-b" + "c" and "a" + "b-c" meet at "a-b-c": keep names unique without refusing anyone.
+    names = [plain, f"{plain}-{desktop_id[:6]}"]
+    if (await db.execute(select(Desktop.id).where(Desktop.name == plain))).first() is not None:
+        names.pop(0)
+    for name in names:
+        desktop = Desktop(
+            id=desktop_id,
+            name=name,
+            user_id=user.id,
+            desktop_type=desktop_type.name,
+            state=DesktopState.STARTING.value,
+            instance=instance,
+        )
+        try:
+            async with db.begin_nested():
+                db.add(desktop)
+        except IntegrityError:
+            # The same user and type requested concurrently: the other request's row wins.
+            existing = await _find(db, user.id, desktop_type.name)
+            if existing is not None:
+                return existing, False
+            if name == names[-1]:
+                raise
+            # Another user's desktop took the plain name at the same moment: use the suffixed one.
+            continue
+        return desktop, True
+    raise AssertionError("unreachable: the last name either returns or raises")
 
 
 def _mark_running_static(desktop: Desktop, desktop_type: DesktopType) -> None:

@@ -25,6 +25,8 @@ def setup_logging(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactLaunchTokens())
+    # On the logger too, so the redaction holds whatever handlers a deployment attaches.
+    logging.getLogger("uvicorn.access").addFilter(RedactLaunchTokens())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
