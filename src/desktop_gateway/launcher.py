@@ -44,6 +44,7 @@ from desktop_gateway.upstream import Target, unverified_tls
 
 log = logging.getLogger("desktop_gateway.launcher")
 PORT_ATTEMPTS = 5
+DYING_GRACE = 1.0  # seconds a dropped leg's container gets to show it is exiting
 STALE_GRACE = 60  # seconds past the start timeout after which a "starting" row has no live start
 
 
@@ -224,7 +225,8 @@ class Launcher:
         while True:
             try:
                 response = await self._probe.get(url, headers={"Authorization": authorization})
-                if response.status_code < 400:
+                # Any answer but a refusal proves the endpoint is up and takes these credentials.
+                if response.status_code < 500 and response.status_code not in (401, 403):
                     return
             except httpx.HTTPError:
                 pass
@@ -246,6 +248,8 @@ class Launcher:
             with contextlib.suppress(desktops.DesktopNotFound):
                 desktop, _ = await desktops.load(db, desktop_id)
                 container_id = container_id or desktop.container_id
+        # Browsers first, so they hear "stopped" rather than see their connection drop.
+        self.hub.stop_desktop(desktop_id, closepolicy.DESKTOP_STOPPED)
         if container_id is not None:
             try:
                 await self.runtime.stop(container_id)
@@ -257,7 +261,6 @@ class Launcher:
                 desktop, _ = await desktops.load(db, desktop_id)
                 desktops.set_state(desktop, state, reason)
                 await db.commit()
-        self.hub.stop_desktop(desktop_id, closepolicy.DESKTOP_STOPPED)
         self.events.publish(
             desktop_id, "failed" if state == DesktopState.FAILED else "stopped", reason, state.value
         )
@@ -290,8 +293,8 @@ class Launcher:
             return False
         if row.container_id is None:
             return True
-        state = await self.runtime.inspect(row.container_id)
-        if state == ContainerState.RUNNING:
+        # The leg often drops a moment before Docker marks a killed container as exited: give it a second.
+        if not await self.runtime.stops_within(row.container_id, DYING_GRACE):
             return True
         await self._release(desktop_id, row.container_id, DesktopState.STOPPED, "the container stopped")
         return False

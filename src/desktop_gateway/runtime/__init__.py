@@ -85,6 +85,9 @@ class ContainerRuntime(Protocol):
 
     async def inspect(self, container_id: str) -> ContainerState: ...
 
+    async def stops_within(self, container_id: str, seconds: float) -> bool:
+        """Whether the container stops (or is gone) within ``seconds``: a dying one still reads as running."""
+
     async def list(self) -> list[ContainerInfo]:
         """The containers this gateway instance manages, in any state."""
 

@@ -7,6 +7,7 @@ handles Docker errors by status code.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -129,6 +130,17 @@ class DockerRuntime:
                 return ContainerState.GONE
             raise RuntimeFailure(f"Docker could not inspect the container: {exc.message}") from exc
         return _state(str(data.get("State", {}).get("Status", "")))
+
+    async def stops_within(self, container_id: str, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._docker.containers.container(container_id).wait(condition="not-running")
+        except TimeoutError:
+            return False
+        except DockerError as exc:
+            if exc.status != 404:
+                raise RuntimeFailure(f"Docker could not wait for the container: {exc.message}") from exc
+        return True
 
     async def list(self) -> list[ContainerInfo]:
         filters = f'{{"label": ["{LABEL_MANAGED}=true", "{LABEL_INSTANCE}={self.instance}"]}}'

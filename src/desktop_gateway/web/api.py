@@ -155,6 +155,7 @@ async def delete_one(request: Request, gateway: Gateway) -> Response:
 
 
 TERMINAL_STEPS = ("ready", "failed", "stopped")
+TRANSITIONS = (DesktopState.STARTING, DesktopState.STOPPING)
 
 
 async def events(request: Request, gateway: Gateway) -> Response:
@@ -165,7 +166,7 @@ async def events(request: Request, gateway: Gateway) -> Response:
     async def stream() -> AsyncIterator[str]:
         with gateway.events.subscribe(view.id) as queue:
             yield DesktopEvent(view.id, "state", f"the desktop is {view.state.value}", view.state.value).sse()
-            if view.state != DesktopState.STARTING:
+            if view.state not in TRANSITIONS:
                 return
             for event in gateway.events.history(view.id):
                 yield event.sse()
@@ -180,7 +181,7 @@ async def events(request: Request, gateway: Gateway) -> Response:
                     # Another worker may be starting it: the database has the final word.
                     async with gateway.sessions() as db:
                         current = await desktops.get_desktop(db, view.id)
-                    if current.state != DesktopState.STARTING:
+                    if current.state not in TRANSITIONS:
                         step = {"running": "ready", "failed": "failed"}.get(current.state.value, "stopped")
                         yield DesktopEvent(
                             view.id,

@@ -51,6 +51,7 @@ OPENAPI: dict[str, Any] = {
                     "401": _PROBLEM,
                     "415": _PROBLEM,
                     "422": _PROBLEM,
+                    "429": _PROBLEM,
                     "503": _PROBLEM,
                 },
             },
@@ -89,7 +90,12 @@ OPENAPI: dict[str, Any] = {
             },
             "delete": {
                 "summary": "Stop a desktop; connected browsers are closed with 1001",
-                "responses": {"200": _desktop_response("Stopped"), "401": _PROBLEM, "404": _PROBLEM},
+                "responses": {
+                    "200": _desktop_response("Stopped"),
+                    "401": _PROBLEM,
+                    "404": _PROBLEM,
+                    "503": _PROBLEM,
+                },
             },
         },
         "/api/v1/desktops/{desktop_id}/launch": {
@@ -98,6 +104,22 @@ OPENAPI: dict[str, Any] = {
                 "summary": "A fresh single-use launch URL (valid 60 seconds) for the desktop's user",
                 "responses": {
                     "200": _desktop_response("The desktop, with launch_url"),
+                    "401": _PROBLEM,
+                    "404": _PROBLEM,
+                },
+            },
+        },
+        "/api/v1/desktops/{desktop_id}/events": {
+            "parameters": _ID,
+            "get": {
+                "summary": "Progress as server-sent events; the stream ends once the desktop is running, "
+                "failed or stopped",
+                "responses": {
+                    "200": {
+                        "description": "Events named by their step, each with JSON data: step, message, "
+                        "state, at",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
                     "401": _PROBLEM,
                     "404": _PROBLEM,
                 },
