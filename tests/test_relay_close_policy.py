@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 
 import kasm_front
 from conftest import StartGateway
-from desktop_gateway.db.models import AuditEvent, Desktop
+from desktop_gateway.db.models import AuditEvent, BrowserSession, Desktop, utcnow
 from gatewaytest import RunningGateway, close_frame, static_type
 
 PW = "pw"
@@ -299,3 +299,31 @@ async def test_failures_are_logged_once_and_audited(
     async with gw.gateway.sessions() as db:
         events = (await db.execute(select(AuditEvent.event, AuditEvent.username))).all()
     assert ("connect-failed", "anna") in events
+
+
+async def test_stop_seen_by_another_worker_closes_with_1001(start_gateway: StartGateway) -> None:
+    """A desktop stopped through another worker process is closed here too, by the next maintenance sweep."""
+    async with kasm_front.KasmFront(users={"kasm_user": PW}) as front:
+        gw = await start_gateway(static_type("lab", front.port), maintenance_interval="1")
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(b"x")
+            assert await ws.recv() == b"x"
+            async with gw.gateway.sessions() as db:
+                await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="stopped"))
+                await db.commit()
+            assert await close_frame(ws) == (1001, "The desktop was stopped.")
+
+
+async def test_sign_out_seen_by_another_worker_closes_with_1000(start_gateway: StartGateway) -> None:
+    """A session revoked through another worker process ends this worker's relays with 1000."""
+    async with kasm_front.KasmFront(users={"kasm_user": PW}) as front:
+        gw = await start_gateway(static_type("lab", front.port), maintenance_interval="1")
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(b"x")
+            assert await ws.recv() == b"x"
+            async with gw.gateway.sessions() as db:
+                await db.execute(update(BrowserSession).values(revoked_at=utcnow()))
+                await db.commit()
+            assert await close_frame(ws) == (1000, "You signed out.")

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from desktop_gateway import closepolicy, desktops
 from desktop_gateway.audit import AuditLog
-from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
+from desktop_gateway.db.models import BrowserSession, Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.events import DesktopEvents
 from desktop_gateway.relayhub import RelayHub
@@ -387,17 +387,61 @@ class Launcher:
                 self.audit.record("stop", row.username, row.name, reason)
                 await self.stop(row.id, reason)
 
+    async def sweep_relays(self) -> None:
+        """End relays whose desktop stopped or whose session ended in another worker process.
+
+        A stop or sign-out ends the relays of the process that handled it at once; this catches the rest.
+        """
+        handles = list(self.hub)
+        if not handles:
+            return
+        async with self.sessions() as db:
+            running = set(
+                (
+                    await db.execute(
+                        select(Desktop.id).where(
+                            Desktop.id.in_({h.desktop_id for h in handles}),
+                            Desktop.state == DesktopState.RUNNING,
+                        )
+                    )
+                ).scalars()
+            )
+            live = set(
+                (
+                    await db.execute(
+                        select(BrowserSession.id).where(
+                            BrowserSession.id.in_({h.session_id for h in handles}),
+                            BrowserSession.revoked_at.is_(None),
+                            BrowserSession.expires_at > utcnow(),
+                        )
+                    )
+                ).scalars()
+            )
+        for handle in handles:
+            if handle.desktop_id not in running:
+                handle.stop(closepolicy.DESKTOP_STOPPED)
+            elif handle.session_id not in live:
+                handle.stop(closepolicy.SIGNED_OUT)
+
     async def maintain(self) -> None:
-        """Reconcile and reap every ``maintenance_interval`` seconds until cancelled."""
+        """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, sweep relays."""
+        has_images = any(not t.is_static for t in self.types.values())
         while True:
             await asyncio.sleep(self.settings.maintenance_interval)
             try:
-                await self.reconcile()
-                await self.reap()
+                if has_images:
+                    await self.reconcile()
+                    await self.reap()
+                await self.sweep_relays()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("maintenance failed; trying again in %d s", self.settings.maintenance_interval)
+            except Exception as exc:
+                log.warning(
+                    "maintenance failed (%s: %s); trying again in %d s",
+                    type(exc).__name__,
+                    exc,
+                    self.settings.maintenance_interval,
+                )
 
     async def close(self) -> None:
         """Cancel starts in progress (each rolls itself back) and release the clients."""
