@@ -18,7 +18,8 @@ from desktop_gateway.db.engine import create_engine
 from gatewaytest import RunningGateway, start_gateway_on
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
-TEMPLATE_DB = "dg_test_template"
+# One template per test session, so that two sessions at once do not drop each other's.
+TEMPLATE_DB = f"dg_test_template_{os.getpid()}"
 
 
 def _plain_dsn(url: str, database: str) -> str:
@@ -41,6 +42,14 @@ async def _create_template(admin_url: str) -> None:
         await engine.dispose()
 
 
+async def _drop_template(admin_url: str) -> None:
+    conn = await asyncpg.connect(_plain_dsn(admin_url, "postgres"))
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str | None]:
     """The PostgreSQL server the suite may use, with a migrated template database; None only outside CI."""
@@ -52,6 +61,7 @@ def postgres_admin_url() -> Iterator[str | None]:
         return
     asyncio.run(_create_template(url))
     yield url
+    asyncio.run(_drop_template(url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -587,3 +587,27 @@ async def test_healthz_and_readyz(start_gateway: StartGateway, kasm: kasm_front.
     assert healthz.text.strip() == "ok"
     assert readyz.status_code == 200
     assert readyz.text.strip() == "ready"
+
+
+async def test_unknown_api_paths_and_methods_are_problem_documents(gw: RunningGateway) -> None:
+    """Under /api/ a wrong path is a 404 and a wrong method a 405, both as problem documents."""
+    async with gw.portal() as portal:
+        missing = await portal.get("/api/v1/nothing-here")
+        wrong_method = await portal.put("/api/v1/desktops")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["content-type"] == "application/problem+json"
+    assert "allow" in wrong_method.headers
+
+
+async def test_oversized_body_is_refused_before_it_is_read(gw: RunningGateway) -> None:
+    """A body declared larger than 16 KiB is refused with 413 without reading it."""
+    async with gw.portal() as portal:
+        response = await portal.post(
+            "/api/v1/desktops",
+            content=b"{" + b" " * 40_000 + b"}",
+            headers={"Content-Type": "application/json"},
+        )
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"

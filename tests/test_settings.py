@@ -405,3 +405,10 @@ def test_unreadable_types_file_refused(tmp_path: Path) -> None:
     path = tmp_path / "gone.toml"
     with pytest.raises(DesktopTypesError, match="cannot be read"):
         load_desktop_types(path)
+
+
+def test_empty_types_file_means_no_types(tmp_path: Path) -> None:
+    """An empty (or comment-only) types file is valid and defines no types, like having no file."""
+    path = tmp_path / "types.toml"
+    path.write_text("# no desktops yet\n")
+    assert load_desktop_types(path) == {}

@@ -38,7 +38,7 @@ def _hash(secret: str) -> str:
 
 async def create_api_key(db: AsyncSession, name: str) -> str:
     """Store a new key named ``name`` and return the full key, which is never shown again."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ApiKeyNameError("a key name is 1-100 letters, digits, spaces, dots, dashes or underscores")
     if (await db.execute(select(ApiKey.id).where(ApiKey.name == name))).first() is not None:
         raise ApiKeyNameError(f"there is already a key named {name!r}; choose another name")
@@ -54,7 +54,7 @@ async def authenticate(db: AsyncSession, authorization: str | None) -> Caller | 
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
-    match = KEY_PATTERN.match(token.strip()) if scheme.lower() == "bearer" else None
+    match = KEY_PATTERN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
     if match is None:
         return None
     key_id, secret = match.groups()

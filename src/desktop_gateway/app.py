@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.settings import Settings, load_settings
 from desktop_gateway.web import api, assets, pages
 from desktop_gateway.web.authn import BrowserIdentity
+from desktop_gateway.web.problems import problem
 from desktop_gateway.websockify import Websockify
 
 
@@ -36,4 +41,26 @@ def create_app(settings: Settings | None = None) -> Starlette:
         WebSocketRoute("/desktop/{name}/websockify", websockify),
         Route("/desktop/{name}/{path:path}", assets.desktop_asset, methods=["GET", "HEAD"]),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(BrowserIdentity)], lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(BrowserIdentity)],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Routing errors: problem documents under /api/ (the portal's contract), plain text elsewhere."""
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        detail = {
+            404: "there is no such endpoint; see /api/v1/openapi.json",
+            405: "this endpoint does not take that method; see /api/v1/openapi.json",
+        }
+        return problem(
+            exc.status_code,
+            HTTPStatus(exc.status_code).phrase,
+            detail.get(exc.status_code, str(exc.detail)),
+            headers=exc.headers,
+        )
+    return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status_code, headers=exc.headers)

@@ -46,7 +46,13 @@ class DesktopType:
 
 
 def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -> dict[str, DesktopType]:
-    tables = data.get("desktop_types")
+    tables = data.get("desktop_types", {})
+    unknown = set(data) - {"desktop_types"}
+    if unknown:
+        raise DesktopTypesError(
+            f"{source}: unknown top-level keys {', '.join(sorted(unknown))}; "
+            "expected tables like [desktop_types.ubuntu-vscode]"
+        )
     if not isinstance(tables, dict):
         raise DesktopTypesError(f"{source}: expected tables like [desktop_types.ubuntu-vscode]")
     types: dict[str, DesktopType] = {}

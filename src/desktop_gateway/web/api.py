@@ -75,9 +75,15 @@ def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 async def _read_json(request: Request) -> dict[str, Any] | Response:
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return problem(415, "Unsupported media type", "send the body as application/json")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return problem(413, "Body too large", f"the body may be at most {MAX_BODY} bytes")
+    too_large = problem(413, "Body too large", f"the body may be at most {MAX_BODY} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return too_large
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            return too_large
     try:
         data = json.loads(body)
     except ValueError:

@@ -145,6 +145,8 @@ async def readyz(request: Request) -> Response:
     except Exception as exc:
         log.warning("not ready: database unreachable: %s", exc)
         return PlainTextResponse("database unreachable\n", status_code=503)
+    if gateway.has_image_types and not await gateway.docker_reachable():
+        return PlainTextResponse("Docker unreachable\n", status_code=503)
     return PlainTextResponse("ready\n")
 
 
