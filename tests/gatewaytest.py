@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -156,3 +158,35 @@ async def close_frame(ws: ClientConnection) -> tuple[int, str]:
     received = ws.protocol.close_rcvd
     assert received is not None, "the browser got no close frame (a bare 1006)"
     return received.code, received.reason
+
+
+ECHO_SIZES = [1, 100, 65_535, 65_536, 200_000, 7, 131_071] * 10
+
+
+async def echo_round_trip(ws: ClientConnection, sizes: list[int] = ECHO_SIZES) -> int:
+    """Send random bytes in messages of ``sizes`` while reading the echo; assert it is the same stream.
+
+    Returns the number of bytes. Every echoed frame must be at most 65,535 bytes (KasmVNC's limit).
+    """
+    payload = os.urandom(sum(sizes))
+
+    async def send_all() -> None:
+        offset = 0
+        for size in sizes:
+            await ws.send(payload[offset : offset + size])
+            offset += size
+
+    received = hashlib.sha256()
+    count = 0
+    sender = asyncio.create_task(send_all())
+    async with asyncio.timeout(60):
+        while count < len(payload):
+            chunk = await ws.recv()
+            assert isinstance(chunk, bytes)
+            assert len(chunk) <= 65_535, "the container's frames are at most 65,535 bytes"
+            received.update(chunk)
+            count += len(chunk)
+    await sender
+    assert count == len(payload)
+    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
+    return count

@@ -6,9 +6,7 @@ loopback; the containers are the KasmVNC stand-in and named fault stand-ins from
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +23,7 @@ from conftest import StartGateway
 from desktop_gateway.closepolicy import UNREACHABLE
 from desktop_gateway.identity import COOKIE_NAME
 from desktop_gateway.websockify import WEBSOCKET_ONLY
-from gatewaytest import RunningGateway, close_frame, static_type
+from gatewaytest import RunningGateway, close_frame, echo_round_trip, static_type
 
 PW = "pw"
 
@@ -139,30 +137,10 @@ async def test_relays_megabytes_intact_through_apache(
     """Over wss through Apache, megabytes in messages up to 200 KiB reach the container and back intact."""
     site = await behind_apache(static_type("lab", kasm.port))
     desktop, cookie = await site.open_desktop("anna", "lab")
-    sizes = [1, 100, 65_535, 65_536, 200_000, 7, 131_071] * 10
-    payload = os.urandom(sum(sizes))
     async with site.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
         assert ws.subprotocol == "binary"
-
-        async def send_all() -> None:
-            offset = 0
-            for size in sizes:
-                await ws.send(payload[offset : offset + size])
-                offset += size
-
-        received = hashlib.sha256()
-        count = 0
-        sender = asyncio.create_task(send_all())
-        async with asyncio.timeout(60):
-            while count < len(payload):
-                chunk = await ws.recv()
-                assert isinstance(chunk, bytes)
-                received.update(chunk)
-                count += len(chunk)
-        await sender
-    assert count == len(payload)
-    assert received.hexdigest() == hashlib.sha256(payload).hexdigest()
-    assert kasm.received_bytes == len(payload)
+        count = await echo_round_trip(ws)
+    assert kasm.received_bytes == count
 
 
 async def test_unreachable_desktop_reaches_browser_as_1011_through_apache(behind_apache: StartSite) -> None:

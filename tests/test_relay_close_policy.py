@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 import kasm_front
 from conftest import StartGateway
 from desktop_gateway.db.models import AuditEvent, BrowserSession, Desktop, utcnow
-from gatewaytest import RunningGateway, close_frame, static_type
+from gatewaytest import ECHO_SIZES, RunningGateway, close_frame, echo_round_trip, static_type
 
 PW = "pw"
 TIMEOUT = 10
@@ -43,31 +41,9 @@ async def gw(start_gateway: StartGateway, kasm: kasm_front.KasmFront) -> Running
 async def test_relays_bytes_intact_both_ways(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
     """Eight MiB in messages up to 200 KiB arrive at the container and back intact and in order."""
     desktop, cookie = await gw.open_desktop("anna", "lab")
-    sizes = [1, 100, 65_535, 65_536, 200_000, 7, 131_071] * 10
-    payload = os.urandom(sum(sizes))
-    sent = hashlib.sha256(payload)
     async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
         assert ws.subprotocol == "binary"
-
-        async def send_all() -> None:
-            offset = 0
-            for size in sizes:
-                await ws.send(payload[offset : offset + size])
-                offset += size
-
-        received = hashlib.sha256()
-        count = 0
-        sender = asyncio.create_task(send_all())
-        async with asyncio.timeout(30):
-            while count < len(payload):
-                chunk = await ws.recv()
-                assert isinstance(chunk, bytes)
-                assert len(chunk) <= 65_535, "the container's frames are at most 65,535 bytes"
-                received.update(chunk)
-                count += len(chunk)
-        await sender
-    assert count == len(payload)
-    assert received.hexdigest() == sent.hexdigest()
+        assert await echo_round_trip(ws) == sum(ECHO_SIZES)
 
 
 async def test_container_close_code_passes_through(start_gateway: StartGateway) -> None:

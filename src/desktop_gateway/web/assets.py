@@ -14,11 +14,9 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from desktop_gateway import desktops
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
-from desktop_gateway.identity import Identity
-from desktop_gateway.web.pages import message
+from desktop_gateway.web.pages import message, owned_desktop
 
 log = logging.getLogger("desktop_gateway.assets")
 
@@ -51,14 +49,10 @@ def asset_url(endpoint: str, path: str, query: str) -> str:
 
 async def desktop_asset(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
-    who: Identity | None = request.scope.get("identity")
-    name = request.path_params["name"]
-    if who is None:
-        return message(401, "Not signed in", "Open the desktop again from the school portal.")
-    async with gateway.sessions() as db:
-        found = await desktops.find_by_name(db, name)
-    if found is None or found.owner_id != who.user_id:
-        return message(404, "No such desktop", "There is no such desktop for you.")
+    found = await owned_desktop(request)
+    if isinstance(found, Response):
+        return found
+    who, name = request.scope["identity"], found.name
     if found.state != DesktopState.RUNNING or found.target is None:
         return message(
             503, "Desktop not running", "The desktop is not running. Start it again from the school portal."

@@ -67,20 +67,28 @@ async def launch_page(request: Request) -> Response:
     return response
 
 
-async def viewer_page(request: Request) -> Response:
+async def owned_desktop(request: Request) -> desktops.RelayTarget | HTMLResponse:
+    """The desktop named in the path if the signed-in browser owns it; else the page that says why not."""
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
-    name = request.path_params["name"]
     if who is None:
         return message(401, "Not signed in", "Open the desktop again from the school portal.")
     async with gateway.sessions() as db:
-        found = await desktops.find_by_name(db, name)
+        found = await desktops.find_by_name(db, request.path_params["name"])
     if found is None or found.owner_id != who.user_id:
         return message(
             404,
             "No such desktop",
             "There is no such desktop for you. Open your desktop from the school portal.",
         )
+    return found
+
+
+async def viewer_page(request: Request) -> Response:
+    found = await owned_desktop(request)
+    if isinstance(found, Response):
+        return found
+    name = found.name
     viewer_src = (
         f"/desktop/{name}/vnc.html?autoconnect=1&resize=remote&reconnect=1&path=desktop/{name}/websockify"
     )
