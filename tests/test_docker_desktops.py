@@ -360,3 +360,37 @@ async def test_gateway_killed_mid_start_leaves_nothing_after_restart(
     finally:
         second.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(second.wait(), 30) == 0
+
+
+async def test_port_taken_outside_the_gateway_is_skipped(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """A port of the range held by another program is skipped after Docker reports it taken."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = int(holder.getsockname()[1])
+        gw = await start_gateway(
+            image_type("standin", docker_image), instance=instance, port_range=f"{taken}-{taken + 1}"
+        )
+        desktop = (await request(gw, "anna", "standin")).json()
+        await wait_for_state(gw, desktop["id"], ("running",))
+        assert (await row(gw, desktop["id"])).host_port == taken + 1
+
+
+async def test_viewer_is_warned_before_an_idle_stop(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """The viewer's status says when and why an idle desktop will be stopped, and warns when it is near."""
+    gw = await start_gateway(
+        image_type("standin", docker_image), instance=instance, idle_timeout="600", idle_warning="900"
+    )
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    cookie = await gw.sign_in(desktop["launch_url"])
+    async with httpx.AsyncClient(base_url=gw.base_url, cookies={"dg_session": cookie}) as browser:
+        status = (await browser.get(f"/status/{desktop['name']}")).json()
+    assert status["state"] == "running"
+    assert status["warning"] is True
+    assert status["stop_reason"] == "idle for 10 minutes"
+    assert status["stops_at"] is not None
