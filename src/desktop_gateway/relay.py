@@ -95,10 +95,20 @@ async def _container_to_browser(upstream: ClientConnection, send: Send, handle: 
             await send({"type": "websocket.send", "text": message})
 
 
-async def close_browser(send: Send, close: Close) -> None:
-    """Send ``close`` to the browser; a browser that is already gone is not an error."""
+CLOSE_WAIT = 2.0  # seconds a browser gets to answer our close frame
+
+
+async def close_browser(receive: Receive, send: Send, close: Close) -> None:
+    """Send ``close`` and wait (briefly) for the browser's answer; a browser already gone is not an error.
+
+    Returning at once would let the server drop the connection before the closing handshake completes,
+    and the browser would report the close as unclean.
+    """
     with contextlib.suppress(Exception):
         await send({"type": "websocket.close", "code": close.code, "reason": close.reason})
+        async with asyncio.timeout(CLOSE_WAIT):
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
 
 
 async def relay(
@@ -127,7 +137,7 @@ async def relay(
     else:
         await upstream.close()
     if outcome.to_browser is not None:
-        await close_browser(send, outcome.to_browser)
+        await close_browser(receive, send, outcome.to_browser)
     return outcome
 
 

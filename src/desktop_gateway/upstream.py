@@ -20,6 +20,9 @@ from websockets.typing import Origin, Subprotocol
 from desktop_gateway.closepolicy import MAX_HANDSHAKE_RESPONSE
 
 MAX_FRAME = 65_535
+# KasmVNC upgrades only a request that names a subprotocol (without the header it answers as plain HTTP,
+# with an empty one it picks "null", which no client accepts). noVNC since 1.2 names none: offer "binary".
+DEFAULT_SUBPROTOCOLS = ("binary",)
 # Messages from the container are at most one frame in practice; this only bounds a misbehaving one.
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -70,6 +73,7 @@ async def dial(
 ) -> ClientConnection:
     """Open the container leg or raise what ``websockets.connect`` raised (or :class:`HandshakeTooLarge`).
 
+    ``subprotocols`` are the browser's offers; when it made none, :data:`DEFAULT_SUBPROTOCOLS` are offered.
     Cancellation during the handshake closes the half-open connection (``websockets`` does so).
     """
     headers: list[tuple[str, str]] = []
@@ -82,7 +86,7 @@ async def dial(
     connection = await connect(
         target.url,
         ssl=unverified_tls() if target.url.startswith("wss://") else None,
-        subprotocols=[Subprotocol(p) for p in subprotocols],
+        subprotocols=[Subprotocol(p) for p in subprotocols or DEFAULT_SUBPROTOCOLS],
         origin=None if origin is None else Origin(origin),
         additional_headers=headers,
         user_agent_header=None,

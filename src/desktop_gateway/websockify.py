@@ -92,11 +92,11 @@ async def _upgrade_required(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(send: Send, scope: Scope, close: Close) -> None:
+async def _refuse(receive: Receive, send: Send, scope: Scope, close: Close) -> None:
     offered = scope.get("subprotocols") or []
     # A browser that offered a subprotocol fails the handshake (a bare 1006) unless one is chosen.
     await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
-    await close_browser(send, close)
+    await close_browser(receive, send, close)
 
 
 async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,7 +116,7 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
             cause,
         )
         gateway.audit.record("deny", username, name, cause)
-        await _refuse(send, scope, close)
+        await _refuse(receive, send, scope, close)
 
     if not origin_allowed(scope, headers, gateway.settings.public_origin):
         await deny(closepolicy.FOREIGN_ORIGIN, f"foreign origin {headers.get('origin')!r}")
@@ -165,10 +165,14 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
             exc_info=exc if unexpected else None,
         )
         gateway.audit.record("connect-failed", username, name, f"{close.code} {_describe(exc)}")
-        await _refuse(send, scope, close)
+        await _refuse(receive, send, scope, close)
         return
 
-    await send({"type": "websocket.accept", "subprotocol": conn.subprotocol})
+    # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a browser
+    # fails a handshake that names a subprotocol it did not offer).
+    offered = scope.get("subprotocols") or []
+    chosen = conn.subprotocol if conn.subprotocol in offered else None
+    await send({"type": "websocket.accept", "subprotocol": chosen})
     handle = RelayHandle(
         desktop_id=found.desktop_id,
         desktop_name=found.name,

@@ -1,0 +1,235 @@
+"""End to end in a real browser: headless Chromium opens a launch link and noVNC shows a container desktop.
+
+The whole path a student's browser takes: launch link -> session cookie -> viewer page -> ``/status``
+polling -> noVNC from the desktop through the asset proxy -> noVNC's WebSocket through the relay to the
+stand-in desktop (TigerVNC behind a Kasm-like front) in a real Docker container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from chromium import Chromium, Page, chromium_missing
+from conftest import StartGateway
+from gatewaytest import RunningGateway
+from test_docker_desktops import (
+    containers_of,
+    docker_cli,
+    docker_image,
+    image_type,
+    instance,
+    request,
+    wait_for_state,
+)
+
+__all__ = ["docker_image", "instance"]  # fixtures, imported for pytest
+
+SHARED_SCREENSHOT = Path("/tmp/desktop-gateway-viewer.png")
+
+# JavaScript read in the viewer page; ``screen`` is the viewer's iframe, noVNC's page is its document.
+NOVNC = "document.getElementById('screen')?.contentDocument"
+NOVNC_CONNECTED = f"!!{NOVNC}?.documentElement.classList.contains('noVNC_connected')"
+NOVNC_STATUS = f"{NOVNC}?.getElementById('noVNC_status')?.textContent ?? null"
+VIEWER_STATUS = "document.getElementById('status')?.textContent ?? null"
+WEBSOCKET_CLOSES = "document.getElementById('screen')?.contentWindow?.__websocketCloses ?? []"
+# The desktop noVNC draws: its canvas size, how many colours a grid of samples finds, and the size of the
+# iframe's viewport (with ``resize=remote`` noVNC asks the desktop to take that size).
+CANVAS = """(() => {
+  const frame = document.getElementById('screen');
+  const canvas = frame?.contentDocument?.querySelector('#noVNC_container canvas');
+  if (!canvas || !canvas.width || !canvas.height) return null;
+  const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  const colours = new Set();
+  for (let y = 0; y < canvas.height; y += 4)
+    for (let x = 0; x < canvas.width; x += 4) {
+      const i = (y * canvas.width + x) * 4;
+      colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+    }
+  const view = [frame.contentWindow.innerWidth, frame.contentWindow.innerHeight];
+  return {width: canvas.width, height: canvas.height, colours: colours.size, view};
+})()"""
+
+
+def text_containing(expression: str, words: str) -> str:
+    """JavaScript: the text ``expression`` gives when it contains ``words``, else null."""
+    return f"(() => {{ const s = {expression}; return s && s.includes({json.dumps(words)}) ? s : null; }})()"
+
+
+# The desktop is drawn (more than one colour) at the size of the viewer's iframe.
+CANVAS_DRAWN = f"""(() => {{
+  const c = {CANVAS};
+  return c && c.colours > 1 && c.width === c.view[0] && c.height === c.view[1] ? c : null;
+}})()"""
+
+
+@pytest.fixture
+async def chromium(tmp_path: Path) -> AsyncIterator[Chromium]:
+    """A headless Chromium with a fresh profile; killed, and its profile removed, after the test."""
+    missing = chromium_missing()
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    browser = await Chromium.launch(tmp_path / "chromium")
+    try:
+        yield browser
+    finally:
+        await browser.close()
+
+
+async def launch_url(gw: RunningGateway, desktop_id: str) -> str:
+    """A fresh launch link (the one from the start request may have expired while the desktop started)."""
+    async with gw.portal() as portal:
+        response = await portal.post(f"/api/v1/desktops/{desktop_id}/launch")
+    assert response.status_code == 200, response.text
+    url: str = response.json()["launch_url"]
+    return url
+
+
+async def open_launch_link(chromium: Chromium, url: str, name: str) -> Page:
+    """Open a launch link in a new tab; return once the viewer page of ``name`` is shown."""
+    port = urlsplit(url).port
+    assert port is not None, url
+    await chromium.expose(port)
+    page = await chromium.new_page()
+    await page.navigate(url)
+    await page.wait_for(
+        f"location.pathname === {json.dumps('/desktop/' + name)} && document.readyState === 'complete'",
+        f"the launch link did not lead to the viewer of {name}",
+        within=30,
+    )
+    return page
+
+
+async def assert_desktop_shown(page: Page) -> dict[str, Any]:
+    """noVNC in the viewer connects and draws the desktop at the iframe's size; return the canvas.
+
+    The viewer asks noVNC for ``resize=remote``: the desktop (Xvnc, 1280×720 at start) is resized through
+    the relay to the size of the iframe, so that is the size the canvas ends up with.
+    """
+    await page.wait_for(NOVNC_CONNECTED, "noVNC in the viewer did not connect", within=60)
+    canvas: dict[str, Any] = await page.wait_for(
+        CANVAS_DRAWN, "noVNC's canvas shows no desktop at the iframe's size", within=30
+    )
+    return canvas
+
+
+async def resize_screen(page: Page, width: int, height: int) -> None:
+    """Resize the tab so that the viewer's iframe is ``width`` × ``height`` CSS pixels."""
+    header = await page.evaluate("innerHeight - document.getElementById('screen').clientHeight")
+    await page.send(
+        "Emulation.setDeviceMetricsOverride",
+        width=width,
+        height=height + header,
+        deviceScaleFactor=1,
+        mobile=False,
+    )
+
+
+async def test_launch_link_shows_the_running_desktop(
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+) -> None:
+    """The launch link in a real browser shows the running desktop: noVNC connected, canvas 1280×720 with non-uniform pixels."""  # noqa: E501
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    page = await open_launch_link(chromium, await launch_url(gw, desktop["id"]), desktop["name"])
+
+    await assert_desktop_shown(page)
+    await resize_screen(page, 1280, 720)
+    canvas = await page.wait_for(
+        f"(() => {{ const c = {CANVAS_DRAWN}; return c?.width === 1280 && c.height === 720 ? c : null; }})()",
+        "the desktop did not follow the viewer to 1280×720",
+        within=30,
+    )
+    shot = await page.screenshot("viewer")
+    shutil.copyfile(shot, SHARED_SCREENSHOT)
+    assert canvas["colours"] > 10, f"{canvas}; screenshot: {shot}"
+    assert await page.evaluate(VIEWER_STATUS) == "", (
+        f"the viewer's status line is not empty; screenshot: {shot}"
+    )
+    assert await page.evaluate(WEBSOCKET_CLOSES) == [], f"a WebSocket was closed; screenshot: {shot}"
+
+
+async def test_stopping_the_desktop_tells_the_student(
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+) -> None:
+    """Stopping the desktop through the API closes noVNC with "The desktop was stopped." and the viewer says so."""  # noqa: E501
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    page = await open_launch_link(chromium, await launch_url(gw, desktop["id"]), desktop["name"])
+    await assert_desktop_shown(page)
+
+    async with gw.portal() as portal:
+        response = await portal.delete(f"/api/v1/desktops/{desktop['id']}")
+    assert response.status_code == 200, response.text
+
+    closes = await page.wait_for(
+        f"(() => {{ const c = {WEBSOCKET_CLOSES}; return c.length ? c : null; }})()",
+        "noVNC's WebSocket was not closed",
+        within=30,
+    )
+    first = {k: closes[0][k] for k in ("code", "reason", "wasClean")}
+    if first != {"code": 1001, "reason": "The desktop was stopped.", "wasClean": True}:
+        raise await page.failure(f"the browser's WebSocket ended otherwise: {closes}")
+    await page.wait_for(f"!{NOVNC_CONNECTED}", "noVNC still says it is connected", within=30)
+    status = await page.wait_for(
+        text_containing(VIEWER_STATUS, "The desktop is stopped"),
+        "the viewer's status line does not say that the desktop is stopped",
+        within=45,
+    )
+    shot = await page.screenshot("stopped")
+    assert status == "The desktop is stopped. Open it again from the school portal.", shot
+    assert await page.evaluate("document.getElementById('screen').getAttribute('src')") is None, (
+        f"the viewer did not unload noVNC; screenshot: {shot}"
+    )
+
+
+async def test_desktop_still_starting_connects_by_itself(
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+) -> None:
+    """A launch link opened while the desktop starts says "Starting your desktop…", then connects itself."""
+    # The stand-in is ready in half a second; at 1 % of a CPU it takes many seconds, until the test has
+    # seen the viewer say "Starting" and lifts the limit (a slow Kasm desktop, without a race).
+    slow = image_type("standin", docker_image).rstrip("\n") + "\ncpus = 0.01\n\n"
+    gw = await start_gateway(slow, instance=instance)
+    response = await request(gw, "anna", "standin")
+    assert response.status_code == 202, response.text
+    desktop = response.json()
+    page = await open_launch_link(chromium, desktop["launch_url"], desktop["name"])
+
+    status = await page.wait_for(
+        text_containing(VIEWER_STATUS, "Starting your desktop"),
+        "the viewer does not say that the desktop is starting",
+        within=15,
+    )
+    assert status == "Starting your desktop… this takes a few seconds."
+    assert not await page.evaluate(NOVNC_CONNECTED)
+    assert not await page.evaluate("document.getElementById('screen').getAttribute('src')")
+    await docker_cli("update", "--cpus", str(os.cpu_count() or 1), await container_of(instance))
+
+    await assert_desktop_shown(page)
+    shot = await page.screenshot("started")
+    assert await page.evaluate(VIEWER_STATUS) == "", (
+        f"the viewer's status line is not empty; screenshot: {shot}"
+    )
+
+
+async def container_of(instance: str) -> str:
+    """The id of the one container of ``instance``, once it exists."""
+    async with asyncio.timeout(30):
+        while True:
+            if found := await containers_of(instance):
+                [container] = found
+                return str(container["Id"])
+            await asyncio.sleep(0.2)
