@@ -38,7 +38,6 @@ SHARED_SCREENSHOT = Path("/tmp/desktop-gateway-viewer.png")
 # JavaScript read in the viewer page; ``screen`` is the viewer's iframe, noVNC's page is its document.
 NOVNC = "document.getElementById('screen')?.contentDocument"
 NOVNC_CONNECTED = f"!!{NOVNC}?.documentElement.classList.contains('noVNC_connected')"
-NOVNC_STATUS = f"{NOVNC}?.getElementById('noVNC_status')?.textContent ?? null"
 VIEWER_STATUS = "document.getElementById('status')?.textContent ?? null"
 WEBSOCKET_CLOSES = "document.getElementById('screen')?.contentWindow?.__websocketCloses ?? []"
 # The desktop noVNC draws: its canvas size, how many colours a grid of samples finds, and the size of the

@@ -303,3 +303,13 @@ async def test_sign_out_seen_by_another_worker_closes_with_1000(start_gateway: S
                 await db.execute(update(BrowserSession).values(revoked_at=utcnow()))
                 await db.commit()
             assert await close_frame(ws) == (1000, "You signed out.")
+
+
+async def test_browser_without_subprotocol_connects(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
+    """noVNC 1.3 offers no subprotocol: the gateway asks KasmVNC for binary and answers the browser with none."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie, subprotocols=()) as ws:
+        assert ws.subprotocol is None
+        await ws.send(b"hello")
+        assert await ws.recv() == b"hello"
+    assert kasm.last_request_headers["sec-websocket-protocol"] == "binary"

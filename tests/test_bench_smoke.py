@@ -1,0 +1,63 @@
+"""Keeps the relay benchmark (bench/, issue 4) working: its quick mode runs end to end.
+
+A benchmark is not a test: this only checks that ``python -m bench --quick`` starts the backend, nginx
+and the gateway, measures every figure and stops, exiting 0. It never judges the figures themselves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Each figure's row of the table: the label, then the direct, nginx and gateway columns.
+FIGURE_ROWS = (
+    r"round trip p50, 64 B \(us\)",
+    r"round trip p99, 64 B \(us\)",
+    r"1 stream, [\d.]+ MB \(MB/s\)",
+    r"\d+ streams of [\d.]+ MB \(MB/s\)",
+    r"memory per idle session, \d+ open \(KiB\)",
+    r"sessions held, \d+ at once \(worst round\)",
+    r"errors in those sessions \(worst round\)",
+    r"\d+ streams, --workers 2 \(MB/s\)",
+    r"scaling: --workers 2 / --workers 1",
+)
+
+
+def _missing() -> str | None:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").is_file():
+        return "nginx is not installed (apt-get install nginx)"
+    if importlib.util.find_spec("picows") is None:
+        return "picows is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def test_quick_benchmark_prints_every_figure() -> None:
+    missing = _missing()
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}: in CI the benchmark smoke test must run (see .ci/run)")
+        pytest.skip(missing)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    explain = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, explain
+    assert "FAILED" not in result.stdout, explain
+    for row in FIGURE_ROWS:
+        found = re.search(rf"^{row}\s+\S+\s+\S+\s+\S+", result.stdout, re.MULTILINE)
+        assert found, f"no row {row!r}\n{explain}"
+    assert "load generator headroom:" in result.stdout, explain
