@@ -96,7 +96,7 @@ class RunningGateway:
             self.ws_base + path,
             origin=Origin(origin or self.base_url),
             additional_headers=headers,
-            subprotocols=[Subprotocol(p) for p in subprotocols],
+            subprotocols=[Subprotocol(p) for p in subprotocols] or None,
             compression=None,
             open_timeout=10,
             max_size=None,

@@ -306,7 +306,7 @@ async def test_sign_out_seen_by_another_worker_closes_with_1000(start_gateway: S
 
 
 async def test_browser_without_subprotocol_connects(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
-    """noVNC 1.3 offers no subprotocol: the gateway asks KasmVNC for binary and answers the browser with none."""
+    """noVNC 1.3 offers no subprotocol: the gateway asks KasmVNC for binary and answers with none."""
     desktop, cookie = await gw.open_desktop("anna", "lab")
     async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie, subprotocols=()) as ws:
         assert ws.subprotocol is None
