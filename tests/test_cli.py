@@ -269,6 +269,43 @@ def test_serve_embedded_default(tmp_path: Path) -> None:
     assert " ERROR " not in log_text
 
 
+def test_serve_two_workers_share_the_load(tmp_path: Path) -> None:
+    """``serve --workers 2`` runs two worker processes on one port, and TERM stops them all (exit 0)."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command("serve", "--port", str(port), "--workers", "2"),
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(process, port)
+        for _ in range(200):  # each a new connection, which the kernel gives to either worker
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+                assert client.get("/healthz").status_code == 200
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        workers = [
+            c
+            for c in children
+            if "desktop_gateway" in Path(f"/proc/{c}/cmdline").read_text()
+            or "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()
+        ]
+        assert len(workers) >= 2, children
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log_text = log_path.read_text()
+    assert code == 0, log_text
+    assert log_text.count('"GET /healthz HTTP/1.1" 200') >= 200, "every worker logs its requests"
+    assert "Traceback" not in log_text
+
+
 # --- PostgreSQL --------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from desktop_gateway import __version__
 from desktop_gateway.browserws import BrowserWebSocketProtocol
 from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
+from desktop_gateway.logs import setup_logging
 from desktop_gateway.settings import Settings
 
 log = logging.getLogger("desktop_gateway")
@@ -115,22 +116,43 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     if workers <= 1:
         GatewayServer(config).run()
         return 0
-    return _supervise(config, workers)
+    return _supervise(config, workers, settings.log_level)
 
 
-def _worker(config: uvicorn.Config, sock: socket.socket) -> None:
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT: every worker listens on its own, and the kernel spreads new
+    connections evenly among them (one shared socket lets the busiest worker win most accepts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker(config: uvicorn.Config, log_level: str) -> None:
+    setup_logging(log_level)  # a spawned process starts with no logging set up
+    sock = reuseport_socket(config.host, config.port)
+    sock.listen(config.backlog)
     GatewayServer(config).run(sockets=[sock])
 
 
-def _supervise(config: uvicorn.Config, workers: int) -> int:
-    """Run ``workers`` processes on one listening socket; restart any that dies; stop all on a signal."""
-    sock = config.bind_socket()
+def _supervise(config: uvicorn.Config, workers: int, log_level: str) -> int:
+    """Run ``workers`` processes on one port; restart any that dies; stop all on a signal."""
+    try:
+        # Held (bound, not listening) for the supervisor's lifetime: a taken port is reported here, once.
+        held = reuseport_socket(config.host, config.port)
+    except OSError as exc:
+        print(
+            f"desktop-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr
+        )
+        return 2
     context = multiprocessing.get_context("spawn")
     processes: list[multiprocessing.process.BaseProcess] = []
     stopping = False
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(config, sock), daemon=False)
+        process = context.Process(target=_worker, args=(config, log_level), daemon=False)
         process.start()
         return process
 
@@ -152,5 +174,5 @@ def _supervise(config: uvicorn.Config, workers: int) -> int:
                 processes[i] = start()
     for process in processes:
         process.join()
-    sock.close()
+    held.close()
     return 0
