@@ -394,3 +394,39 @@ async def test_viewer_is_warned_before_an_idle_stop(
     assert status["warning"] is True
     assert status["stop_reason"] == "idle for 10 minutes"
     assert status["stops_at"] is not None
+
+
+async def test_type_env_limits_and_extra_mounts_reach_the_container(
+    start_gateway: StartGateway, docker_image: str, instance: str, tmp_path: Path
+) -> None:
+    """A type's env, memory, CPU and shm limits and a read-only extra mount are applied to the container."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "worksheet.txt").write_text("Aufgabe 1")
+    types = (
+        '[desktop_types.standin]\ntitle = "Stand-in"\n'
+        f'image = "{docker_image}"\nmemory = "1g"\ncpus = 1.5\nshm_size = "128m"\n'
+        'env = { TZ = "Europe/Berlin" }\n'
+        f'mounts = [ {{ source = "{share}", target = "/home/kasm-user/share", read_only = true }} ]\n'
+    )
+    gw = await start_gateway(types, instance=instance)
+    desktop = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    [container] = await containers_of(instance)
+    info = json.loads(await docker_cli("inspect", container["Id"]))[0]
+    assert "TZ=Europe/Berlin" in info["Config"]["Env"]
+    assert any(e.startswith("VNC_PW=") and len(e) > len("VNC_PW=") + 16 for e in info["Config"]["Env"])
+    host = info["HostConfig"]
+    assert (host["Memory"], host["NanoCpus"], host["ShmSize"]) == (1024**3, 1_500_000_000, 128 * 1024**2)
+    content = await docker_cli("exec", container["Id"], "cat", "/home/kasm-user/share/worksheet.txt")
+    assert content == "Aufgabe 1"
+    process = await asyncio.create_subprocess_exec(
+        "docker",
+        "exec",
+        container["Id"],
+        "touch",
+        "/home/kasm-user/share/new.txt",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await process.wait() != 0, "the shared folder is read-only"
