@@ -7,6 +7,7 @@ the test sets, so the machine's own configuration never leaks in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -226,13 +227,14 @@ def test_configured_database_without_schema_is_refused(tmp_path: Path) -> None:
 # --- serve -------------------------------------------------------------------------------------------
 
 
-def test_serve_embedded_default(tmp_path: Path) -> None:
-    """Unconfigured ``serve`` makes its database and key, answers /healthz, logs it, exits 0 on TERM."""
+@contextlib.contextmanager
+def serving(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """Run ``serve`` (output to a log), wait for its port; on exit TERM it and require exit code 0."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command("serve", "--port", str(port)),
+            command("serve", "--port", str(port), *args),
             cwd=tmp_path,
             env=clean_env(),
             stdout=log,
@@ -240,18 +242,24 @@ def test_serve_embedded_default(tmp_path: Path) -> None:
         )
     try:
         wait_for_port(process, port)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
-            healthz = client.get("/healthz")
-        assert healthz.status_code == 200
-        assert healthz.text.strip() == "ok"
+        yield process, port, log_path
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    assert code == 0, log_path.read_text()
+
+
+def test_serve_embedded_default(tmp_path: Path) -> None:
+    """Unconfigured ``serve`` makes its database and key, answers /healthz, logs it, exits 0 on TERM."""
+    with serving(tmp_path) as (_, port, log_path):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            healthz = client.get("/healthz")
+        assert healthz.status_code == 200
+        assert healthz.text.strip() == "ok"
     log_text = log_path.read_text()
-    assert code == 0, log_text
 
     database = tmp_path / DEFAULT_SQLITE_FILE
     secret = tmp_path / DEFAULT_SECRET_FILE
@@ -271,37 +279,14 @@ def test_serve_embedded_default(tmp_path: Path) -> None:
 
 def test_serve_two_workers_share_the_load(tmp_path: Path) -> None:
     """``serve --workers 2`` runs two worker processes on one port, and TERM stops them all (exit 0)."""
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command("serve", "--port", str(port), "--workers", "2"),
-            cwd=tmp_path,
-            env=clean_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(process, port)
+    with serving(tmp_path, "--workers", "2") as (process, port, log_path):
         for _ in range(200):  # each a new connection, which the kernel gives to either worker
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
                 assert client.get("/healthz").status_code == 200
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        workers = [
-            c
-            for c in children
-            if "desktop_gateway" in Path(f"/proc/{c}/cmdline").read_text()
-            or "multiprocessing" in Path(f"/proc/{c}/cmdline").read_text()
-        ]
+        workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) >= 2, children
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     log_text = log_path.read_text()
-    assert code == 0, log_text
     assert log_text.count('"GET /healthz HTTP/1.1" 200') >= 200, "every worker logs its requests"
     assert "Traceback" not in log_text
 
