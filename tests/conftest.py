@@ -8,9 +8,11 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+import uvloop
 from sqlalchemy.engine import make_url
 
 from desktop_gateway.db import schema
@@ -18,6 +20,13 @@ from desktop_gateway.db.engine import create_engine
 from gatewaytest import RunningGateway, start_gateway_on
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Tests run on uvloop, as `desktop-gateway serve` does (uvicorn picks it): its transports differ."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
 # One template per test session, so that two sessions at once do not drop each other's.
 TEMPLATE_DB = f"dg_test_template_{os.getpid()}"
 

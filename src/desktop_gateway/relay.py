@@ -1,9 +1,11 @@
-"""The two pumps between an accepted browser WebSocket (ASGI) and an open container leg.
+"""Relaying between an accepted browser WebSocket and an open container leg, and how it ends.
 
-Each direction is one task. Backpressure is end to end: a pump awaits each send, so a slow reader on one
-side stops the pump reading from the other, and the only buffers are the bounded ones of the two
-WebSocket stacks. When either side ends, :func:`relay` decides with :mod:`closepolicy` what the other
-side is told, tells it, and returns an :class:`Outcome` for the caller to log once.
+The bytes do not pass through this module's coroutines: :func:`relay` splices the browser's protocol
+(:mod:`browserws`) and the container leg (:mod:`upstream`) so that each side's transport callback writes
+straight to the other side, and each side's full write buffer pauses reading on the other (end-to-end
+backpressure, no queue of our own). The coroutine only waits for the first of three endings (the
+browser's close, the container's, a stop) and then decides with :mod:`closepolicy` what the other side
+is told, tells it, and returns an :class:`Outcome` for the caller to log once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from starlette.types import Receive, Send
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
 
 from desktop_gateway import closepolicy
+from desktop_gateway.browserws import BrowserWebSocketProtocol
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.relayhub import RelayHandle
-from desktop_gateway.upstream import MAX_FRAME
+from desktop_gateway.upstream import Upstream
 
 
 class EndedBy(enum.StrEnum):
@@ -51,50 +52,6 @@ def is_user_input(data: bytes | bytearray | memoryview) -> bool:
     return len(data) > 0 and data[0] in _USER_INPUT
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _BrowserGone:
-    code: int | None
-    reason: str
-
-
-async def _browser_to_container(
-    receive: Receive, upstream: ClientConnection, handle: RelayHandle
-) -> _BrowserGone:
-    while True:
-        message = await receive()
-        kind = message["type"]
-        if kind == "websocket.receive":
-            data = message.get("bytes")
-            if data is None:
-                text: str = message.get("text") or ""
-                if len(text) <= MAX_FRAME // 4:
-                    await upstream.send(text)
-                    continue
-                data = text.encode()
-            handle.bytes_up += len(data)
-            if is_user_input(data):
-                handle.last_input = time.monotonic()
-            if len(data) <= MAX_FRAME:
-                await upstream.send(data)
-            else:
-                # RFB is a byte stream and KasmVNC drops frames over 65,535 bytes: send it on in pieces.
-                view = memoryview(data)
-                for start in range(0, len(view), MAX_FRAME):
-                    await upstream.send(view[start : start + MAX_FRAME])
-        elif kind == "websocket.disconnect":
-            return _BrowserGone(message.get("code"), message.get("reason") or "")
-
-
-async def _container_to_browser(upstream: ClientConnection, send: Send, handle: RelayHandle) -> None:
-    """Return when the container leg ends; raise ``OSError`` if the browser cannot be written to."""
-    async for message in upstream:
-        if isinstance(message, bytes):
-            handle.bytes_down += len(message)
-            await send({"type": "websocket.send", "bytes": message})
-        else:
-            await send({"type": "websocket.send", "text": message})
-
-
 CLOSE_WAIT = 2.0  # seconds a browser gets to answer our close frame
 
 
@@ -111,62 +68,84 @@ async def close_browser(receive: Receive, send: Send, close: Close) -> None:
                 pass
 
 
+def _splice(
+    browser: BrowserWebSocketProtocol, upstream: Upstream, handle: RelayHandle
+) -> asyncio.Future[tuple[int, str]]:
+    """Wire the two transports together; return the future of the browser's close code and reason."""
+
+    def to_container(message: bytes | str) -> None:
+        if isinstance(message, str):
+            upstream.send(message.encode(), text=True)
+            return
+        handle.bytes_up += len(message)
+        if is_user_input(message):
+            handle.last_input = time.monotonic()
+        upstream.send(message)
+
+    def to_browser(frames: bytes) -> None:
+        handle.bytes_down += len(frames)
+        browser.write_frames(frames)
+
+    upstream.forward = to_browser
+    upstream.pause_peer, upstream.resume_peer = browser.pause_reading, browser.resume_reading
+    assert upstream.transport is not None
+    transport = upstream.transport
+    closed = browser.splice(to_container, transport.pause_reading, transport.resume_reading)
+    upstream.flush()
+    return closed
+
+
 async def relay(
     receive: Receive,
     send: Send,
-    upstream: ClientConnection,
+    browser: BrowserWebSocketProtocol,
+    upstream: Upstream,
     handle: RelayHandle,
     still_running: Callable[[], Awaitable[bool]],
 ) -> Outcome:
     """Relay until one side ends, then close the other; return what happened.
 
-    Cancelling this coroutine (gateway shutdown) cancels both pumps and closes the container leg; the
-    caller tells the browser.
+    Cancelling this coroutine (gateway shutdown) unsplices and aborts the container leg; the caller
+    tells the browser.
     """
-    up = asyncio.create_task(_browser_to_container(receive, upstream, handle))
-    down = asyncio.create_task(_container_to_browser(upstream, send, handle))
     try:
-        await asyncio.wait((up, down, handle.stopped), return_when=asyncio.FIRST_COMPLETED)
-        outcome = await _decide(up, down, handle, upstream, still_running)
-    finally:
-        for task in (up, down):
-            task.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
+        browser_closed = _splice(browser, upstream, handle)
+        await asyncio.wait(
+            (browser_closed, upstream.ended, handle.stopped), return_when=asyncio.FIRST_COMPLETED
+        )
+    except BaseException:
+        browser.unsplice()
+        upstream.abort()
+        raise
+    browser.unsplice()
+    upstream.forward = None
+    outcome = await _decide(browser_closed, upstream, handle, still_running)
     if outcome.to_container is not None:
-        await upstream.close(outcome.to_container.code, outcome.to_container.reason)
+        upstream.close(outcome.to_container.code, outcome.to_container.reason)
     else:
-        await upstream.close()
+        upstream.abort()
     if outcome.to_browser is not None:
         await close_browser(receive, send, outcome.to_browser)
     return outcome
 
 
 async def _decide(
-    up: asyncio.Task[_BrowserGone],
-    down: asyncio.Task[None],
+    browser_closed: asyncio.Future[tuple[int, str]],
+    upstream: Upstream,
     handle: RelayHandle,
-    upstream: ClientConnection,
     still_running: Callable[[], Awaitable[bool]],
 ) -> Outcome:
     if handle.stopped.done():
         close = handle.stopped.result()
         return Outcome(EndedBy.STOPPED, to_browser=close, to_container=close)
-    if up.done():
-        error = up.exception()
-        if error is None:
-            gone = up.result()
-            return Outcome(EndedBy.BROWSER, None, closepolicy.to_container(gone.code, gone.reason))
-        if not isinstance(error, ConnectionClosed):
-            return Outcome(EndedBy.ERROR, closepolicy.GATEWAY_ERROR, closepolicy.GATEWAY_ERROR, error)
-        # Sending to the container failed: its leg ended; fall through.
-    else:
-        error = down.exception()
-        if error is not None and not isinstance(error, ConnectionClosed):
-            # Writing to the browser failed: it is gone (its disconnect is on its way to the up pump).
-            return Outcome(EndedBy.BROWSER, None, closepolicy.to_container(None, ""))
-    received = upstream.protocol.close_rcvd
-    if received is not None:
-        close = closepolicy.to_browser_after_container_close(received.code, received.reason)
+    if browser_closed.done():
+        code, reason = browser_closed.result()
+        return Outcome(EndedBy.BROWSER, None, closepolicy.to_container(code, reason))
+    ended = upstream.ended.result()
+    if ended.verdict is not None:
+        return Outcome(EndedBy.ERROR, to_browser=ended.verdict, to_container=ended.verdict)
+    if ended.code is not None:
+        close = closepolicy.to_browser_after_container_close(ended.code, ended.reason)
         return Outcome(EndedBy.CONTAINER_CLOSE, to_browser=close, to_container=None)
     close = closepolicy.to_browser_after_drop(await still_running())
     return Outcome(EndedBy.CONTAINER_DROP, to_browser=close, to_container=None)

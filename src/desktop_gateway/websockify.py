@@ -16,6 +16,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from desktop_gateway import closepolicy, desktops, upstream
+from desktop_gateway.browserws import EXTENSION, BrowserWebSocketProtocol
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
@@ -143,6 +144,16 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
         await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
         return
 
+    browser = scope.get("extensions", {}).get(EXTENSION)
+    if not isinstance(browser, BrowserWebSocketProtocol):
+        # Served by something other than `desktop-gateway serve` (its WebSocket protocol does the splice).
+        log.error(
+            "cannot relay: the server does not provide %s; run the gateway with desktop-gateway serve",
+            EXTENSION,
+        )
+        await _refuse(receive, send, scope, closepolicy.GATEWAY_ERROR)
+        return
+
     started = time.monotonic()
     try:
         conn = await upstream.dial(
@@ -191,10 +202,10 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
 
     try:
         outcome = await relay(
-            receive, send, conn, handle, lambda: gateway.launcher.still_running(found.desktop_id)
+            receive, send, browser, conn, handle, lambda: gateway.launcher.still_running(found.desktop_id)
         )
     except asyncio.CancelledError:
-        await conn.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
+        conn.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
         raise
     finally:
         gateway.hub.discard(handle)
