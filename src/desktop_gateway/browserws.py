@@ -93,6 +93,8 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.disconnected:
             self.closed.set_result((1006, ""))
         self.sink, self.on_pause_writing, self.on_resume_writing = sink, on_pause_writing, on_resume_writing
+        # The handshake is over: its request and response (headers and all) need not live for hours.
+        self.request = self.response = None  # type: ignore[assignment]
         # Messages that arrived before the splice are in the ASGI queue: hand them on in order.
         while not self.queue.empty():
             message = self.queue.get_nowait()

@@ -105,7 +105,6 @@ class Upstream(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.ended: asyncio.Future[Ended] = loop.create_future()
-        self.response: Response | None = None
         self.subprotocol: str | None = None
         self.forward: Callable[[bytes], None] | None = None
         self.pause_peer: Callable[[], None] | None = None
@@ -184,7 +183,6 @@ class Upstream(asyncio.Protocol):
             return
         for event in handshake.events_received():
             if isinstance(event, Response) and not self.opened.done():
-                self.response = event
                 self.subprotocol = handshake.subprotocol
                 self._handshake = None
                 self.opened.set_result(None)

@@ -128,8 +128,7 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
     if name is None:
         await deny(closepolicy.NO_DESKTOP_NAMED, "no desktop named by path, query or referer")
         return
-    async with gateway.sessions() as db:
-        found = await desktops.find_by_name(db, name)
+    found = await _find(gateway, name)
     if found is None:
         await deny(closepolicy.NO_SUCH_DESKTOP, "no desktop of that name")
         return
@@ -210,6 +209,12 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
     finally:
         gateway.hub.discard(handle)
     _log_outcome(gateway, handle, outcome)
+
+
+async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
+    # Not inline: the relay's frame lives for hours and would keep the finished session alive.
+    async with gateway.sessions() as db:
+        return await desktops.find_by_name(db, name)
 
 
 def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> None:

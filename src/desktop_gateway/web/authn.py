@@ -10,7 +10,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from desktop_gateway.gateway import Gateway
-from desktop_gateway.identity import cookie_from_header, identify
+from desktop_gateway.identity import Identity, cookie_from_header, identify
 
 
 class BrowserIdentity:
@@ -22,7 +22,12 @@ class BrowserIdentity:
             scope["identity"] = None
             cookie = cookie_from_header(Headers(scope=scope).get("cookie"))
             if cookie is not None:
-                gateway: Gateway = scope["state"]["gateway"]
-                async with gateway.sessions() as db:
-                    scope["identity"] = await identify(db, gateway.codec, cookie)
+                scope["identity"] = await _identify(scope["state"]["gateway"], cookie)
         await self.app(scope, receive, send)
+
+
+async def _identify(gateway: Gateway, cookie: str) -> Identity | None:
+    # A function of its own so that the database session is not kept alive by the caller's frame, which
+    # lives as long as the request (hours for a relay).
+    async with gateway.sessions() as db:
+        return await identify(db, gateway.codec, cookie)
