@@ -108,6 +108,8 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def unsplice(self) -> None:
         self.sink = self.on_pause_writing = self.on_resume_writing = None
+        # Reading may be paused for the container leg's sake; the closing handshake needs it again.
+        self.resume_reading()
 
     def write_frames(self, frames: bytes) -> None:
         """Write whole, unmasked server frames (as the container sent them) to the browser."""
