@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -10,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,14 +363,29 @@ async def test_gateway_killed_mid_start_leaves_nothing_after_restart(
         assert await asyncio.wait_for(second.wait(), 30) == 0
 
 
+@contextlib.contextmanager
+def held_port_before_a_free_one() -> Iterator[int]:
+    """A port held (listening) by this test whose next port is free: the range the gateway gets."""
+    for _ in range(50):
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            port = int(holder.getsockname()[1])
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue  # the next port is in use by someone else: pick again
+            holder.listen()
+            yield port
+            return
+    raise AssertionError("no port with a free neighbour found")
+
+
 async def test_port_taken_outside_the_gateway_is_skipped(
     start_gateway: StartGateway, docker_image: str, instance: str
 ) -> None:
     """A port of the range held by another program is skipped after Docker reports it taken."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = int(holder.getsockname()[1])
+    with held_port_before_a_free_one() as taken:
         gw = await start_gateway(
             image_type("standin", docker_image), instance=instance, port_range=f"{taken}-{taken + 1}"
         )
