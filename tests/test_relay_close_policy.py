@@ -313,3 +313,32 @@ async def test_browser_without_subprotocol_connects(gw: RunningGateway, kasm: ka
         await ws.send(b"hello")
         assert await ws.recv() == b"hello"
     assert kasm.last_request_headers["sec-websocket-protocol"] == "binary"
+
+
+async def test_a_browser_that_stops_reading_stalls_the_desktop(start_gateway: StartGateway) -> None:
+    """Backpressure: while the browser reads nothing, the gateway stops reading the desktop."""
+    total = 128 * 1024 * 1024
+    async with kasm_front.KasmFront(kasm_front.stream, users={"kasm_user": PW}) as front:
+        gw = await start_gateway(static_type("lab", front.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(f"stream {total}".encode())
+            received = len(await ws.recv())
+            [handle] = list(gw.gateway.hub)
+            # Not reading now. The relayed count must stop growing well short of the total: wait until
+            # it has held still for half a second (at most 20 s), checking ten times a second.
+            last, still = -1, 0
+            for _ in range(200):
+                await asyncio.sleep(0.1)  # nothing to wait on: the point is that nothing happens
+                still = still + 1 if handle.bytes_down == last else 0
+                last = handle.bytes_down
+                if still >= 5:
+                    break
+            assert still >= 5, "the relay never stalled"
+            assert handle.bytes_down < total // 4, (
+                f"{handle.bytes_down} bytes went on to a browser not reading"
+            )
+            async with asyncio.timeout(60):
+                while received < total:
+                    received += len(await ws.recv())
+    assert received == total
