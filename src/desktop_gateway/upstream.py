@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidHandshake, SecurityError
+from websockets.exceptions import SecurityError
 from websockets.http11 import Response
 from websockets.speedups import apply_mask
 from websockets.typing import Origin, Subprotocol
@@ -356,6 +356,3 @@ async def dial(
             protocol.abort()
         raise
     return protocol
-
-
-__all__ = ["Ended", "HandshakeTooLarge", "InvalidHandshake", "Target", "Upstream", "dial", "unverified_tls"]
