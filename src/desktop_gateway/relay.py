@@ -31,7 +31,7 @@ class EndedBy(enum.StrEnum):
     CONTAINER_CLOSE = "container closed"
     CONTAINER_DROP = "container dropped"
     STOPPED = "stopped"
-    ERROR = "error"
+    CONTAINER_ERROR = "container broke the protocol"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -39,7 +39,6 @@ class Outcome:
     ended_by: EndedBy
     to_browser: Close | None
     to_container: Close | None
-    error: BaseException | None = None
 
 
 # RFB client messages a person causes: KeyEvent, PointerEvent, ClientCutText. noVNC sends each RFB message
@@ -105,14 +104,18 @@ async def relay(
 ) -> Outcome:
     """Relay until one side ends, then close the other; return what happened.
 
-    Cancelling this coroutine (gateway shutdown) unsplices and aborts the container leg; the caller
-    tells the browser.
+    Cancelling this coroutine (gateway shutdown) unsplices and closes the container leg with 1001; the
+    browser's connection is the server's to end.
     """
     try:
         browser_closed = _splice(browser, upstream, handle)
         await asyncio.wait(
             (browser_closed, upstream.ended, handle.stopped), return_when=asyncio.FIRST_COMPLETED
         )
+    except asyncio.CancelledError:
+        browser.unsplice()
+        upstream.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
+        raise
     except BaseException:
         browser.unsplice()
         upstream.abort()
@@ -143,7 +146,7 @@ async def _decide(
         return Outcome(EndedBy.BROWSER, None, closepolicy.to_container(code, reason))
     ended = upstream.ended.result()
     if ended.verdict is not None:
-        return Outcome(EndedBy.ERROR, to_browser=ended.verdict, to_container=ended.verdict)
+        return Outcome(EndedBy.CONTAINER_ERROR, to_browser=ended.verdict, to_container=ended.verdict)
     if ended.code is not None:
         close = closepolicy.to_browser_after_container_close(ended.code, ended.reason)
         return Outcome(EndedBy.CONTAINER_CLOSE, to_browser=close, to_container=None)

@@ -7,7 +7,6 @@ because a refused handshake reaches noVNC as a bare 1006 that says nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -203,9 +202,6 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
         outcome = await relay(
             receive, send, browser, conn, handle, lambda: gateway.launcher.still_running(found.desktop_id)
         )
-    except asyncio.CancelledError:
-        conn.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
-        raise
     finally:
         gateway.hub.discard(handle)
     _log_outcome(gateway, handle, outcome)
@@ -225,8 +221,8 @@ def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> Non
         f"code={code} reason={close.reason if close else ''!r} "
         f"duration={time.monotonic() - handle.started:.1f}s up={handle.bytes_up} down={handle.bytes_down}"
     )
-    if outcome.ended_by is EndedBy.ERROR:
-        log.error("relay failed: %s", summary, exc_info=outcome.error)
+    if outcome.ended_by is EndedBy.CONTAINER_ERROR:
+        log.warning("desktop broke the protocol: %s", summary)
     elif outcome.ended_by is EndedBy.CONTAINER_DROP and code == closepolicy.Code.INTERNAL_ERROR:
         log.warning("connection to desktop lost: %s", summary)
     else:
