@@ -334,11 +334,6 @@ async def find_by_name(db: AsyncSession, name: str) -> RelayTarget | None:
     return RelayTarget(desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target)
 
 
-async def is_running(db: AsyncSession, desktop_id: str) -> bool:
-    state = (await db.execute(select(Desktop.state).where(Desktop.id == desktop_id))).scalar_one_or_none()
-    return state == DesktopState.RUNNING
-
-
 async def touch(db: AsyncSession, desktop_id: str, when: dt.datetime) -> None:
     desktop = await db.get(Desktop, desktop_id)
     if desktop is not None and (desktop.last_activity_at is None or desktop.last_activity_at < when):
