@@ -241,10 +241,14 @@ class Crowd:
         self.errors: collections.Counter[str] = collections.Counter()
         self.connect_seconds = 0.0
 
-    async def open(self, count: int) -> None:
-        """Open ``count`` sessions at once (each bounded by CONNECT_TIMEOUT)."""
+    async def open(self, count: int, batch: int | None = None) -> None:
+        """Open ``count`` sessions, all at once or ``batch`` at a time (each bounded by CONNECT_TIMEOUT)."""
         started = time.perf_counter()
-        results = await asyncio.gather(*(connect(self.target) for _ in range(count)), return_exceptions=True)
+        results: list[Session | BaseException] = []
+        step = batch or count
+        for opened in range(0, count, step):
+            connects = (connect(self.target) for _ in range(min(step, count - opened)))
+            results += await asyncio.gather(*connects, return_exceptions=True)
         self.connect_seconds = time.perf_counter() - started
         for result in results:
             if isinstance(result, Session):

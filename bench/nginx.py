@@ -77,6 +77,7 @@ http {{
             proxy_set_header Connection "upgrade";
             proxy_set_header Authorization "{authorization}";
             proxy_ssl_verify off;
+            proxy_ssl_protocols TLSv1.2;
             proxy_buffering off;
             {buffers}proxy_read_timeout 1h;
             proxy_send_timeout 1h;

@@ -35,6 +35,7 @@ RTT_P99 = Figure("rtt_p99", 1)
 STREAM = Figure("stream", 0)
 STREAMS = Figure("streams", 0)
 MEMORY = Figure("memory", 1)
+MEMORY_BURST = Figure("memory_burst", 1)
 HELD = Figure("held", 0)
 ERRORS = Figure("errors", 0)
 CONNECT_TIME = Figure("connect_s", 2)
@@ -51,6 +52,7 @@ class Layout:
     """The sizes of the run, for the labels."""
 
     crowd: int
+    batch: int
     stream_mb: float
     streams: int
     stream_each_mb: float
@@ -174,10 +176,17 @@ def rows(results: Results, layout: Layout) -> list[Row]:
             _at_least(streams, THROUGHPUT_MIN_RATIO),
         ),
         row(
-            f"memory per idle session, {crowd} open (KiB)",
+            f"memory per idle session, {crowd} open, {layout.batch} at a time (KiB)",
             MEMORY,
             f"gateway <= {MEMORY_MAX_KIB:g} KiB",
             _at_most(memory, MEMORY_MAX_KIB),
+            (NGINX, GATEWAY),
+        ),
+        row(
+            f"memory per idle session, {crowd} at once (KiB)",
+            MEMORY_BURST,
+            "(none)",
+            None,
             (NGINX, GATEWAY),
         ),
         Row(
@@ -273,7 +282,7 @@ def headroom(results: Results, layout: Layout) -> list[str]:
 def per_round(results: Results, layout: Layout) -> list[str]:
     """Every value of every round, so that the spread behind each median can be seen."""
     lines = [f"per round (rounds 1 to {layout.rounds}):"]
-    for figure in (RTT_P50, RTT_P99, STREAM, STREAMS, MEMORY, HELD, ERRORS, CONNECT_TIME):
+    for figure in (RTT_P50, RTT_P99, STREAM, STREAMS, MEMORY, MEMORY_BURST, HELD, ERRORS, CONNECT_TIME):
         for path in (*PATHS, GATEWAY_W2):
             values = results.rounds(figure, path)
             if values:

@@ -6,8 +6,10 @@ at the finest grain each figure allows:
 * round trips and the single stream keep one connection per path open and alternate between the paths
   every few hundred round trips or every few tens of MB, so a burst of other work hits all paths alike;
 * the 200 streams run one path after the other, the order rotating from round to round;
-* the memory and burst figures use a fresh nginx and a fresh gateway in every round, because a process
-  that has already held 1,000 sessions keeps much of that memory and would look cheaper the next time.
+* the memory and burst figures use a fresh nginx and a fresh gateway each, in every round, because a
+  process that has already held 1,000 sessions keeps much of that memory and would look cheaper the next
+  time. Memory is read twice: with the sessions opened 50 at a time (what holding them costs), and after
+  all of them connected at once (what a burst leaves behind besides).
 
 While the streams run, the CPU time of the proxy, the backend and the load generator is read from /proc,
 which shows what the bottleneck was (a path is the bottleneck when its proxy uses a full core).
@@ -50,7 +52,8 @@ class Plan:
     stream_chunks: int  # ... asked for in this many parts, alternating with the other paths
     streams: int  # concurrent streams ...
     stream_each: int  # ... of this many bytes each
-    crowd: int  # sessions opened at once
+    crowd: int  # sessions opened at once (and, for the memory figure, again batch at a time)
+    batch: int
     hold_seconds: float  # how long the crowd is held open before it is counted
     settle_seconds: float  # before each memory reading: let deferred work (audit, logging) finish
     profile_seconds: float
@@ -67,6 +70,7 @@ FULL = Plan(
     streams=200,
     stream_each=2_000_000,
     crowd=1000,
+    batch=50,
     hold_seconds=2.0,
     settle_seconds=1.0,
     profile_seconds=20.0,
@@ -81,6 +85,7 @@ QUICK = Plan(
     streams=10,
     stream_each=200_000,
     crowd=20,
+    batch=5,
     hold_seconds=0.2,
     settle_seconds=0.2,
     profile_seconds=2.0,
@@ -335,21 +340,34 @@ class Bench:
             self.results.add(report.cpu_figure(figure, role), path, number, 100 * seconds / use.wall)
 
     async def _crowd(self, number: int, path: str) -> None:
-        """Open ``crowd`` sessions at once, prove each live, read the memory, hold them, count errors.
+        """Memory per idle session with sessions opened ``batch`` at a time (as classes sign in), then the
+        burst: ``crowd`` sessions opened at once, its memory, and whether every one is held without error.
 
-        nginx and the gateway are fresh processes; a few sessions are opened and closed first so that
-        what is loaded once per process is in the baseline, not in the per-session figure.
+        Each in a fresh nginx or gateway: a process that has already held 1,000 sessions keeps much of
+        that memory and would look cheaper the next time. A burst leaves more memory behind than the
+        sessions need (every handshake's transient objects at once), hence the two memory figures.
+        """
+        await self._crowd_in(number, path, self.plan.batch, report.MEMORY, count=False)
+        await self._crowd_in(number, path, None, report.MEMORY_BURST, count=True)
+
+    async def _crowd_in(
+        self, number: int, path: str, batch: int | None, memory: report.Figure, count: bool
+    ) -> None:
+        """Open the crowd in a fresh process, prove each session live, read the memory, maybe count.
+
+        A few sessions are opened and closed first, so that what is loaded once per process is in the
+        baseline, not in the per-session figure.
         """
         async with contextlib.AsyncExitStack() as stack:
             pid: int | None = None
+            kind = "burst" if batch is None else "paced"
             if path == DIRECT:
                 target = self.targets[DIRECT]
             elif path == NGINX:
-                name = f"nginx-crowd-{number}"
-                proxy = await self._start_nginx(name, stack)
+                proxy = await self._start_nginx(f"nginx-crowd-{kind}-{number}", stack)
                 target, pid = self.nginx_target(proxy), proxy.worker_pid()
             else:
-                fresh = await gateway.start(self.setup, 1, f"gateway-crowd-{number}")
+                fresh = await gateway.start(self.setup, 1, f"gateway-crowd-{kind}-{number}")
                 stack.push_async_callback(fresh.stop)
                 target, pid = self.gateway_target(fresh, GATEWAY), fresh.child.pid
             await load.close_all(await load.connect_all(target, 10))
@@ -357,11 +375,15 @@ class Bench:
             before = procs.rss_kib(pid) if pid is not None else 0
             crowd = load.Crowd(target)
             stack.push_async_callback(crowd.close)
-            await crowd.open(self.plan.crowd)
+            await crowd.open(self.plan.crowd, batch)
             await crowd.echo()
             await asyncio.sleep(self.plan.settle_seconds)
             if pid is not None:
-                self.results.add(report.MEMORY, path, number, (procs.rss_kib(pid) - before) / self.plan.crowd)
+                self.results.add(memory, path, number, (procs.rss_kib(pid) - before) / self.plan.crowd)
+            if not count:
+                if crowd.error_count():
+                    self.results.note(f"round {number}: {path}: {crowd.error_count()} errors opening {kind}")
+                return
             await asyncio.sleep(self.plan.hold_seconds)
             held, errors = crowd.held(), crowd.error_count()
             self.results.add(report.HELD, path, number, held)
@@ -500,6 +522,7 @@ def print_report(bench: Bench, options: Options, nginx_binary: str, elapsed: flo
     plan = options.plan
     layout = report.Layout(
         crowd=plan.crowd,
+        batch=plan.batch,
         stream_mb=plan.stream_bytes / 1e6,
         streams=plan.streams,
         stream_each_mb=plan.stream_each / 1e6,
@@ -511,7 +534,8 @@ def print_report(bench: Bench, options: Options, nginx_binary: str, elapsed: flo
         f"method: {plan.rounds} rounds; round trips ({plan.rtt_count} per path and round) and the single "
         f"stream ({plan.stream_chunks} requests of {part_mb:g} MB on one "
         "connection) alternate between the paths; the streams run path after path in rotating order; "
-        "memory and sessions use a fresh nginx and gateway per round",
+        f"memory and sessions use a fresh nginx and gateway per round and kind ({plan.batch} at a time, "
+        "then all at once); both TLS 1.2 to the backend",
         "values are medians over rounds; ratios are medians of each round's side-by-side ratio; "
         "sessions held and errors are the worst round",
         f"took {elapsed:.0f} s",

@@ -1,6 +1,6 @@
 """The browser-side WebSocket protocol: uvicorn's sans-I/O implementation, plus what a relay needs.
 
-Two additions:
+Three additions:
 
 * uvicorn reports a browser that vanished without a close frame as 1005, the same code as a close frame
   that carried no code. The close policy needs them apart (the container is told 1001 for the first and
@@ -8,7 +8,9 @@ Two additions:
 * A splice: once a relay is set up (:meth:`BrowserWebSocketProtocol.splice`), browser messages go
   straight from the transport callback to the container leg, and the container's frames straight to
   this transport, instead of through the ASGI queue and two pump tasks. Handshake, keepalive pings and
-  the closing handshake stay uvicorn's; the app still sees ``websocket.disconnect`` through ``receive``.
+  the closing handshake stay uvicorn's.
+* A spliced connection outlives the app's task: the relay ends it (:mod:`relay`), so an idle relay keeps
+  no coroutine chain, scope or headers alive.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from uvicorn._types import ASGIReceiveEvent
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 EXTENSION = "desktop_gateway.splice"
@@ -28,6 +32,56 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
     on_pause_writing: Callable[[], None] | None = None
     on_resume_writing: Callable[[], None] | None = None
     closed: asyncio.Future[tuple[int, str]] | None = None
+
+    relayed = False  # handed to a relay, which outlives the app's task and ends the connection itself
+
+    # uvicorn's ASGI queue and "writable" event serve only the app's receive() and send(), which a relay
+    # needs again only at its end: an idle relay keeps neither (they are made again on first use).
+    _queue: asyncio.Queue[ASGIReceiveEvent] | None = None
+    _writable: asyncio.Event | None = None
+
+    @property
+    def queue(self) -> asyncio.Queue[ASGIReceiveEvent]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
+
+    @queue.setter
+    def queue(self, queue: asyncio.Queue[ASGIReceiveEvent]) -> None:
+        self._queue = queue
+
+    @property
+    def writable(self) -> asyncio.Event:
+        if self._writable is None:
+            self._writable = asyncio.Event()
+            self._writable.set()
+        return self._writable
+
+    @writable.setter
+    def writable(self, event: asyncio.Event) -> None:
+        self._writable = event
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that a connection handed to a relay is not closed when the app returns."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.relayed and not self.close_sent:
+            # The relay holds the connection now; the scope (headers, cookies, state) need not live on.
+            self.scope = None  # type: ignore[assignment]
+            return
+        if self.close_timer is None:
+            self.transport.close()
 
     def handle_connect(self, event: object) -> None:
         super().handle_connect(event)  # type: ignore[arg-type]
@@ -89,11 +143,15 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
         on_resume_writing: Callable[[], None],
     ) -> asyncio.Future[tuple[int, str]]:
         """Deliver browser messages to ``sink``; return a future of the browser's close code and reason."""
+        self.relayed = True
         self.closed = asyncio.get_running_loop().create_future()
         if self.disconnected:
             self.closed.set_result((1006, ""))
         self.sink, self.on_pause_writing, self.on_resume_writing = sink, on_pause_writing, on_resume_writing
-        # The handshake is over: its request and response (headers and all) need not live for hours.
+        # The handshake is over: its request and response (headers and all) need not live for hours. The
+        # request lives on in a local of websockets' parser generator, so its headers are emptied too.
+        if self.request is not None:
+            self.request.headers.clear()
         self.request = self.response = None  # type: ignore[assignment]
         # Messages that arrived before the splice are in the ASGI queue: hand them on in order.
         while not self.queue.empty():
@@ -104,6 +162,10 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
             else:
                 self.queue.put_nowait(message)  # a disconnect: leave it for the app
                 break
+        if self._queue is not None and self._queue.empty():
+            self._queue = None
+        if self._writable is not None and self._writable.is_set():
+            self._writable = None
         return self.closed
 
     def unsplice(self) -> None:

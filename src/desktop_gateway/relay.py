@@ -1,11 +1,11 @@
 """Relaying between an accepted browser WebSocket and an open container leg, and how it ends.
 
-The bytes do not pass through this module's coroutines: :func:`relay` splices the browser's protocol
+The bytes do not pass through this module's coroutines: :class:`Relay` splices the browser's protocol
 (:mod:`browserws`) and the container leg (:mod:`upstream`) so that each side's transport callback writes
 straight to the other side, and each side's full write buffer pauses reading on the other (end-to-end
-backpressure, no queue of our own). The coroutine only waits for the first of three endings (the
-browser's close, the container's, a stop) and then decides with :mod:`closepolicy` what the other side
-is told, tells it, and returns an :class:`Outcome` for the caller to log once.
+backpressure, no queue of our own). The first of three endings (the browser's close, the container's, a
+stop) starts a short task that decides with :mod:`closepolicy` what the other side is told, tells it,
+and hands an :class:`Outcome` to the caller to log once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from starlette.types import Receive, Send
 
@@ -94,42 +95,76 @@ def _splice(
     return closed
 
 
-async def relay(
-    receive: Receive,
-    send: Send,
-    browser: BrowserWebSocketProtocol,
-    upstream: Upstream,
-    handle: RelayHandle,
-    still_running: Callable[[], Awaitable[bool]],
-) -> Outcome:
-    """Relay until one side ends, then close the other; return what happened.
+class Relay:
+    """A spliced relay. Between :meth:`start` and its end it is only callbacks: no task waits on it, so an
+    idle relay costs a few small objects, not a parked coroutine chain with the request's scope in it.
 
-    Cancelling this coroutine (gateway shutdown) unsplices and closes the container leg with 1001; the
-    browser's connection is the server's to end.
+    The first of the three endings (the browser's close, the container's, a stop) starts one short task
+    that decides what the other side is told, tells it, and hands the :class:`Outcome` to ``on_end``
+    (``None`` and the exception if ending went wrong; the connections are aborted then). Cancelling that
+    task (the loop shutting down) closes the container leg with 1001.
     """
-    try:
-        browser_closed = _splice(browser, upstream, handle)
-        await asyncio.wait(
-            (browser_closed, upstream.ended, handle.stopped), return_when=asyncio.FIRST_COMPLETED
-        )
-    except asyncio.CancelledError:
-        browser.unsplice()
-        upstream.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
-        raise
-    except BaseException:
-        browser.unsplice()
-        upstream.abort()
-        raise
-    browser.unsplice()
-    upstream.forward = None
-    outcome = await _decide(browser_closed, upstream, handle, still_running)
-    if outcome.to_container is not None:
-        upstream.close(outcome.to_container.code, outcome.to_container.reason)
-    else:
-        upstream.abort()
-    if outcome.to_browser is not None:
-        await close_browser(receive, send, outcome.to_browser)
-    return outcome
+
+    __slots__ = ("_browser", "_browser_closed", "_handle", "_on_end", "_still_running", "_task", "_upstream")
+
+    def __init__(
+        self,
+        browser: BrowserWebSocketProtocol,
+        upstream: Upstream,
+        handle: RelayHandle,
+        still_running: Callable[[], Awaitable[bool]],
+        on_end: Callable[[Outcome | None, BaseException | None], None],
+    ) -> None:
+        self._browser = browser
+        self._upstream = upstream
+        self._handle = handle
+        self._still_running = still_running
+        self._on_end = on_end
+        self._browser_closed: asyncio.Future[tuple[int, str]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._browser_closed = _splice(self._browser, self._upstream, self._handle)
+        for ending in (self._browser_closed, self._upstream.ended, self._handle.stopped):
+            ending.add_done_callback(self._ending)
+
+    def _ending(self, _: object) -> None:
+        if self._task is not None:
+            return
+        self._browser.unsplice()
+        self._upstream.forward = None
+        self._task = asyncio.get_running_loop().create_task(self._finish())
+        _ENDING.add(self._task)
+        self._task.add_done_callback(_ENDING.discard)
+
+    async def _finish(self) -> None:
+        browser, upstream = self._browser, self._upstream
+        try:
+            assert self._browser_closed is not None
+            outcome = await _decide(self._browser_closed, upstream, self._handle, self._still_running)
+            if outcome.to_container is not None:
+                upstream.close(outcome.to_container.code, outcome.to_container.reason)
+            else:
+                upstream.abort()
+            if outcome.to_browser is not None:
+                # The protocol's own ASGI callables: the request's task that had them is gone.
+                receive, send = cast(Receive, browser.receive), cast(Send, browser.send)
+                await close_browser(receive, send, outcome.to_browser)
+        except asyncio.CancelledError:
+            upstream.close(closepolicy.GATEWAY_GOING_AWAY.code, closepolicy.GATEWAY_GOING_AWAY.reason)
+            browser.transport.abort()
+            self._on_end(None, None)
+            raise
+        except Exception as exc:
+            upstream.abort()
+            browser.transport.abort()
+            self._on_end(None, exc)
+            return
+        self._on_end(outcome, None)
+
+
+# Relays being ended: the event loop keeps only weak references to tasks.
+_ENDING: set[asyncio.Task[None]] = set()
 
 
 async def _decide(

@@ -3,6 +3,7 @@
 KasmVNC regenerates a self-signed certificate at every start, so its certificate cannot be verified; the
 leg is protected by the per-desktop Basic credentials and by only ever dialling the address the database
 holds for that desktop. KasmVNC ignores pings, so none are sent. Its frames are capped at 65,535 bytes.
+TLS runs in :mod:`tlsclient` over a plain TCP connection (less memory per relay than the loop's TLS).
 
 The leg is a plain :class:`asyncio.Protocol`: the opening handshake is checked by the ``websockets``
 sans-I/O client, and after it frames move in the transport callbacks, with no task in between. Whole data
@@ -29,6 +30,7 @@ from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
 from desktop_gateway.closepolicy import MAX_HANDSHAKE_RESPONSE, Close, Code
+from desktop_gateway.tlsclient import ClientTLS
 
 MAX_FRAME = 65_535
 # Messages from the container are at most one frame in practice; this only bounds a misbehaving one.
@@ -61,10 +63,17 @@ class Target:
 
 @functools.cache
 def unverified_tls() -> ssl.SSLContext:
-    """One context for all container legs: building one per connection costs milliseconds of CPU."""
+    """One context for all container legs: building one per connection costs milliseconds of CPU.
+
+    TLS 1.2 at most: with an unverifiable certificate, 1.3 adds no protection here (both have only
+    forward-secret AEAD suites in this context), but a 1.3 server sends session tickets after the
+    handshake, which OpenSSL 3's client keeps for the life of the connection: about 17 KiB per relay, for
+    resumption the gateway never uses (every desktop has a certificate of its own).
+    """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
     return context
 
 
@@ -95,8 +104,9 @@ class Upstream(asyncio.Protocol):
     ``resume_peer`` stop and restart reading from the browser while this leg's write buffer is full.
     """
 
-    def __init__(self, handshake: ClientProtocol) -> None:
+    def __init__(self, handshake: ClientProtocol, tls: ClientTLS | None) -> None:
         self._handshake: ClientProtocol | None = handshake
+        self._tls = tls
         self._head = bytearray()
         self._raw_handshake = False
         self._buffer = bytearray()
@@ -115,10 +125,32 @@ class Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        assert self._handshake is not None
-        self.transport.writelines(self._handshake.data_to_send())
+        if self._tls is not None:
+            self.transport.write(self._tls.start())  # the WebSocket request follows the TLS handshake
+        else:
+            self._send_request()
 
     def data_received(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is not None:
+            opening = not tls.handshake_done
+            try:
+                data, reply = tls.receive(data)
+            except ssl.SSLError as exc:
+                self._broken(exc)
+                return
+            if reply and self.transport is not None:
+                self.transport.write(reply)
+            if opening and tls.handshake_done:
+                self._send_request()
+            if data:
+                self._plain_data(data)
+            if tls.eof:  # the desktop's close_notify: as good as the end of the stream
+                self._end_of_stream()
+            return
+        self._plain_data(data)
+
+    def _plain_data(self, data: bytes) -> None:
         if self._handshake is not None:
             self._handshake_data(data)
         elif self.forward is None:
@@ -127,10 +159,20 @@ class Upstream(asyncio.Protocol):
             self._frames(data)
 
     def eof_received(self) -> bool | None:
-        if self._handshake is not None:
-            self._handshake.receive_eof()
-            self._handshake_events()
+        if self._tls is not None and not self._tls.handshake_done:
+            self._fail_open(ConnectionResetError("the desktop closed the connection in the TLS handshake"))
+        else:
+            self._end_of_stream()
         return None
+
+    def _end_of_stream(self) -> None:
+        if self._handshake is not None:
+            self._handshake.receive_eof()  # a refusal's body may end with the stream
+            self._handshake_events()
+        if not self.opened.done():
+            self._fail_open(ConnectionResetError("the desktop closed the connection"))
+        elif self._tls is not None and self._tls.eof:
+            self._broken(ConnectionResetError("the desktop ended the TLS session"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -149,6 +191,19 @@ class Upstream(asyncio.Protocol):
             self.resume_peer()
 
     # --- opening handshake ----------------------------------------------------------------------
+
+    def _send_request(self) -> None:
+        assert self._handshake is not None
+        self._send_raw(b"".join(self._handshake.data_to_send()))
+
+    def _broken(self, exc: BaseException) -> None:
+        """The connection cannot go on (a TLS error, or the TLS session ended): a failed open or a drop."""
+        if not self.opened.done():
+            self._fail_open(exc)
+            return
+        self._end(Ended())
+        if self.transport is not None:
+            self.transport.abort()
 
     def _handshake_data(self, data: bytes) -> None:
         assert self._handshake is not None
@@ -278,11 +333,14 @@ class Upstream(asyncio.Protocol):
 
     # --- sending --------------------------------------------------------------------------------
 
-    def _write(self, opcode: int, payload: bytes | memoryview) -> None:
+    def _send_raw(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        self.transport.write(self._tls.encrypt(data) if self._tls is not None else data)
+
+    def _write(self, opcode: int, payload: bytes | memoryview) -> None:
         mask = secrets.token_bytes(4)
-        self.transport.writelines((frame_header(opcode, len(payload), mask), apply_mask(payload, mask)))
+        self._send_raw(frame_header(opcode, len(payload), mask) + apply_mask(payload, mask))
 
     def send(self, data: bytes | memoryview, text: bool = False) -> None:
         """Send a browser message; RFB is a byte stream and KasmVNC drops frames over 65,535 bytes,
@@ -300,6 +358,8 @@ class Upstream(asyncio.Protocol):
             return
         self._write(OP_CLOSE, code.to_bytes(2, "big") + reason.encode())
         self._end(Ended(verdict=Close(code, reason)))
+        if self._tls is not None:
+            self.transport.write(self._tls.close())
         self.transport.close()
 
     def abort(self) -> None:
@@ -343,13 +403,8 @@ async def dial(
     protocol: Upstream | None = None
     try:
         async with asyncio.timeout(open_timeout):
-            _, protocol = await loop.create_connection(
-                lambda: Upstream(handshake),
-                uri.host,
-                uri.port,
-                ssl=unverified_tls() if uri.secure else None,
-                server_hostname=uri.host if uri.secure else None,
-            )
+            tls = ClientTLS(unverified_tls(), uri.host) if uri.secure else None
+            _, protocol = await loop.create_connection(lambda: Upstream(handshake, tls), uri.host, uri.port)
             await protocol.opened
     except BaseException:
         if protocol is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
@@ -20,7 +21,7 @@ from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
-from desktop_gateway.relay import EndedBy, Outcome, close_browser, relay
+from desktop_gateway.relay import EndedBy, Outcome, Relay, close_browser
 from desktop_gateway.relayhub import RelayHandle
 
 log = logging.getLogger("desktop_gateway.relay")
@@ -181,14 +182,17 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
     # fails a handshake that names a subprotocol it did not offer).
     offered = scope.get("subprotocols") or []
     chosen = conn.subprotocol if conn.subprotocol in offered else None
-    await send({"type": "websocket.accept", "subprotocol": chosen})
+    try:
+        await send({"type": "websocket.accept", "subprotocol": chosen})
+    except BaseException:
+        conn.abort()
+        raise
     handle = RelayHandle(
         desktop_id=found.desktop_id,
         desktop_name=found.name,
         username=identity.username,
         session_id=identity.session_id,
     )
-    gateway.hub.add(handle)
     log.info(
         "connected: user=%s desktop=%s client=%s handshake=%.0fms",
         username,
@@ -197,14 +201,21 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
         (time.monotonic() - started) * 1000,
     )
     gateway.audit.record("connect", username, name, None)
+    gateway.hub.add(handle)
+    desktop_id = found.desktop_id
 
-    try:
-        outcome = await relay(
-            receive, send, browser, conn, handle, lambda: gateway.launcher.still_running(found.desktop_id)
-        )
-    finally:
+    def still_running() -> Awaitable[bool]:
+        return gateway.launcher.still_running(desktop_id)
+
+    def ended(outcome: Outcome | None, error: BaseException | None) -> None:
         gateway.hub.discard(handle)
-    _log_outcome(gateway, handle, outcome)
+        if outcome is not None:
+            _log_outcome(gateway, handle, outcome)
+        elif error is not None:
+            log.error("relay failed: user=%s desktop=%s", username, handle.desktop_name, exc_info=error)
+
+    # From here on the relay lives in callbacks, and this request's task (and its scope) can end.
+    Relay(browser, conn, handle, still_running, ended).start()
 
 
 async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
