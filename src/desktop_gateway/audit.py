@@ -2,14 +2,19 @@
 
 Recording never blocks a relay on the database: events go into a bounded queue that one task writes out.
 If the queue is full (the database stalls for long), further events are dropped and that is logged.
+Queued events are plain tuples, written with one multi-row INSERT per batch: a stalled database lets
+thousands of events queue up, and ORM objects for them would cost kilobytes each until written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+from typing import NamedTuple
 
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from desktop_gateway.db.models import AuditEvent, utcnow
@@ -18,10 +23,18 @@ log = logging.getLogger("desktop_gateway.audit")
 BATCH = 500
 
 
+class _Event(NamedTuple):
+    at: dt.datetime
+    event: str
+    username: str | None
+    desktop: str | None
+    detail: str | None
+
+
 class AuditLog:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], capacity: int = 10_000) -> None:
         self._sessions = sessions
-        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(maxsize=capacity)
+        self._queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=capacity)
         self._task: asyncio.Task[None] | None = None
         self._dropped = 0
 
@@ -29,9 +42,7 @@ class AuditLog:
         self, event: str, username: str | None, desktop: str | None, detail: str | None = None
     ) -> None:
         try:
-            self._queue.put_nowait(
-                AuditEvent(at=utcnow(), event=event, username=username, desktop=desktop, detail=detail)
-            )
+            self._queue.put_nowait(_Event(utcnow(), event, username, desktop, detail))
         except asyncio.QueueFull:
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 1000 == 0:
@@ -62,7 +73,7 @@ class AuditLog:
                 batch.append(self._queue.get_nowait())
             try:
                 async with self._sessions() as db:
-                    db.add_all(batch)
+                    await db.execute(insert(AuditEvent), [e._asdict() for e in batch])
                     await db.commit()
             except asyncio.CancelledError:
                 raise
