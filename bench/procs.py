@@ -205,6 +205,18 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def machine_idle_seconds() -> float:
+    """CPU time the whole machine has spent idle so far, summed over its cores (``/proc/stat``).
+
+    The per-process figures miss the kernel's own work (loopback packets, softirqs): the machine's idle
+    time says whether there was CPU left for anyone.
+    """
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()
+    idle, iowait = int(fields[4]), int(fields[5])
+    return (idle + iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def own_cpu_seconds() -> float:
     """CPU time this process (the load generator) has used so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -39,7 +39,7 @@ MEMORY_BURST = Figure("memory_burst", 1)
 HELD = Figure("held", 0)
 ERRORS = Figure("errors", 0)
 CONNECT_TIME = Figure("connect_s", 2)
-CPU_ROLES = ("proxy", "backend", "client")
+CPU_ROLES = ("proxy", "backend", "client", "idle")  # idle: the whole machine's, all cores together
 
 
 def cpu_figure(of: Figure, role: str) -> Figure:
@@ -241,8 +241,9 @@ def table(all_rows: list[Row]) -> list[str]:
 def cpu_block(results: Results, layout: Layout) -> list[str]:
     """CPU use while streaming, per process role: the role at ~100% of a core is the bottleneck."""
     lines = [
-        "CPU while streaming (% of one core, median over rounds; the machine's cores are shared by all):",
-        f"  {'measurement':<26} {'path':<11} {'proxy':>6} {'backend':>8} {'client':>7}",
+        "CPU while streaming (% of one core, median over rounds; the machine's cores are shared by all;",
+        "machine idle = what no process and not the kernel used, all cores together):",
+        f"  {'measurement':<26} {'path':<11} {'proxy':>6} {'backend':>8} {'client':>7} {'machine idle':>13}",
     ]
     for figure, name in ((STREAM, "1 stream"), (STREAMS, f"{layout.streams} streams")):
         for path in (*PATHS, GATEWAY_W2):
@@ -251,7 +252,7 @@ def cpu_block(results: Results, layout: Layout) -> list[str]:
                 continue
             if path == DIRECT:
                 cells[0] = "-"
-            lines.append(f"  {name:<26} {path:<11} {cells[0]:>6} {cells[1]:>8} {cells[2]:>7}")
+            lines.append(f"  {name:<26} {path:<11} {cells[0]:>6} {cells[1]:>8} {cells[2]:>7} {cells[3]:>13}")
     return lines
 
 

@@ -122,12 +122,14 @@ class CpuUse:
     proxy: float = 0.0
     backend: float = 0.0
     client: float = 0.0
+    idle: float = 0.0  # the whole machine's idle time, all cores together
     wall: float = 0.0
 
     def add(self, other: CpuUse) -> None:
         self.proxy += other.proxy
         self.backend += other.backend
         self.client += other.client
+        self.idle += other.idle
         self.wall += other.wall
 
 
@@ -143,6 +145,7 @@ class CpuMeter:
             sum(procs.cpu_seconds(p) for p in self._proxy_pids()),
             sum(procs.cpu_seconds(p) for p in self._backend_pids),
             procs.own_cpu_seconds(),
+            procs.machine_idle_seconds(),
             time.perf_counter(),
         )
 
@@ -156,6 +159,7 @@ class CpuMeter:
                 after.proxy - before.proxy,
                 after.backend - before.backend,
                 after.client - before.client,
+                after.idle - before.idle,
                 after.wall - before.wall,
             )
         )
@@ -336,7 +340,8 @@ class Bench:
         return [procs.open_sockets(pid) for pid in self.gateway_w2.worker_pids()]
 
     def _add_cpu(self, figure: report.Figure, path: str, number: int, use: CpuUse) -> None:
-        for role, seconds in (("proxy", use.proxy), ("backend", use.backend), ("client", use.client)):
+        roles = (("proxy", use.proxy), ("backend", use.backend), ("client", use.client), ("idle", use.idle))
+        for role, seconds in roles:
             self.results.add(report.cpu_figure(figure, role), path, number, 100 * seconds / use.wall)
 
     async def _crowd(self, number: int, path: str) -> None:
