@@ -725,6 +725,28 @@ class DropsAfter(KasmFront):
         ws.end_reason = f"dropped after {self.n_bytes} bytes"
 
 
+class BreaksTLS(KasmFront):
+    """Echoes the first message, then writes a forged TLS record (bad MAC) under its TLS layer.
+
+    The client's TLS stack must reject the record: the fault of a corrupted or tampered connection.
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(self._break_app, ssl_context=ssl_context)
+
+    async def _break_app(self, ws: WebSocket) -> None:
+        data = await ws.recv()
+        if data is None:
+            return
+        await ws.send(data)
+        # Application data, TLS 1.2, 24 bytes that no key decrypts; written to the socket itself.
+        forged = bytes((0x17, 0x03, 0x03, 0x00, 24)) + bytes(24)
+        os.write(ws.writer.get_extra_info("socket").fileno(), forged)
+        while await ws.recv() is not None:
+            pass
+        ws.end_reason = "broke TLS"
+
+
 # --- Command line ------------------------------------------------------------------------------
 
 

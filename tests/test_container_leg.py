@@ -57,6 +57,20 @@ def test_tls_client_carries_data_and_sees_the_end_in_memory() -> None:
     assert client.eof
 
 
+def test_tls_client_keeps_what_came_before_a_bad_record() -> None:
+    """Plaintext decrypted before a record that fails its integrity check is returned; then the error."""
+    s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = kasm_front.shared_context().wrap_bio(s_in, s_out, server_side=True)
+    client = ClientTLS(unverified_tls(), "127.0.0.1")
+    _pump(client, server, s_in, s_out, client.start())
+    server.write(b"before")
+    forged = bytes((0x17, 0x03, 0x03, 0x00, 24)) + bytes(24)
+    plaintext, _ = client.receive(s_out.read() + forged)
+    assert plaintext == b"before"
+    assert isinstance(client.error, ssl.SSLError)
+    assert client.receive(b"more") == (b"", b"")
+
+
 def test_tls_client_reports_a_broken_handshake() -> None:
     """Garbage instead of a ServerHello raises an SSLError from receive()."""
     client = ClientTLS(unverified_tls(), "127.0.0.1")
@@ -103,6 +117,17 @@ async def test_container_leg_speaks_tls_1_2(start_gateway: StartGateway) -> None
             assert (await close_frame(ws))[0] == 1002
         await asyncio.wait_for(desktop_end.seen.wait(), TIMEOUT)
     assert desktop_end.versions == ["TLSv1.2"]
+
+
+async def test_broken_tls_mid_relay_is_a_lost_connection(start_gateway: StartGateway) -> None:
+    """A record that fails TLS's integrity check ends the relay as a drop: 1011 while the desktop runs."""
+    async with kasm_front.BreaksTLS() as breaker:
+        gw = await start_gateway(static_type("lab", breaker.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+            await ws.send(b"hello")
+            assert await ws.recv() == b"hello"
+            assert await close_frame(ws) == (1011, "The connection to the desktop was lost.")
 
 
 @pytest.fixture

@@ -18,11 +18,12 @@ _SCRATCH = memoryview(bytearray(256 * 1024))
 class ClientTLS:
     """One TLS client connection. Feed it what the network delivered; send what it returns.
 
-    Errors are :class:`ssl.SSLError` from :meth:`receive` (a broken or refused handshake, a bad record).
-    The peer's close_notify ends the stream: :attr:`eof` turns true and nothing more is returned.
+    A failed handshake raises :class:`ssl.SSLError` from :meth:`receive`. After the handshake, a bad
+    record sets :attr:`error` instead, so that the plaintext decrypted before it is still returned; the
+    peer's close_notify sets :attr:`eof`. Either way nothing more is returned.
     """
 
-    __slots__ = ("_incoming", "_outgoing", "_tls", "eof", "handshake_done")
+    __slots__ = ("_incoming", "_outgoing", "_tls", "eof", "error", "handshake_done")
 
     def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
         self._incoming = ssl.MemoryBIO()
@@ -30,6 +31,7 @@ class ClientTLS:
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
         self.handshake_done = False
         self.eof = False
+        self.error: ssl.SSLError | None = None
 
     def start(self) -> bytes:
         """The ClientHello, to send first."""
@@ -38,6 +40,8 @@ class ClientTLS:
 
     def receive(self, data: bytes) -> tuple[bytes, bytes]:
         """Take bytes from the network; return (plaintext that arrived, bytes to send back)."""
+        if self.eof or self.error is not None:
+            return b"", b""
         self._incoming.write(data)
         if not self.handshake_done and not self._handshake():
             return b"", self._outgoing.read()
@@ -78,8 +82,10 @@ class ClientTLS:
             pass
         except ssl.SSLZeroReturnError:
             self.eof = True
+        except ssl.SSLError as exc:
+            self.error = exc
         data = bytes(scratch[:filled])
-        if filled == size and not self.eof:
+        if filled == size and not self.eof and self.error is None:
             # The scratch buffer is full and more may be decrypted already: take it too.
             more = self._read()
             if more:

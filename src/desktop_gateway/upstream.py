@@ -145,7 +145,9 @@ class Upstream(asyncio.Protocol):
                 self._send_request()
             if data:
                 self._plain_data(data)
-            if tls.eof:  # the desktop's close_notify: as good as the end of the stream
+            if tls.error is not None:  # a bad record: what came before it is passed on, then it ends
+                self._broken(tls.error)
+            elif tls.eof:  # the desktop's close_notify: as good as the end of the stream
                 self._end_of_stream()
             return
         self._plain_data(data)
@@ -336,7 +338,13 @@ class Upstream(asyncio.Protocol):
     def _send_raw(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(self._tls.encrypt(data) if self._tls is not None else data)
+        if self._tls is None:
+            self.transport.write(data)
+            return
+        try:
+            self.transport.write(self._tls.encrypt(data))
+        except ssl.SSLError as exc:  # the TLS session broke: a drop, decided like any other
+            self._broken(exc)
 
     def _write(self, opcode: int, payload: bytes | memoryview) -> None:
         mask = secrets.token_bytes(4)
