@@ -9,9 +9,10 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
+import pytest
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -25,6 +26,14 @@ from desktop_gateway.serve import GatewayServer, uvicorn_config
 from desktop_gateway.settings import Settings, load_settings
 
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+
+def missing_real_component(what: str) -> NoReturn:
+    """A real component a test needs is missing: a failure in CI (``.ci/run`` installs and starts every
+    one), a skip elsewhere, with ``what`` saying what is missing and how to get it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what}; in CI it must be there (see .ci/run)")
+    pytest.skip(what)
 
 
 @dataclasses.dataclass

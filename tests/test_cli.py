@@ -28,6 +28,7 @@ from desktop_gateway import apikeys
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.settings import DEFAULT_SECRET_FILE, DEFAULT_SQLITE_FILE
+from gatewaytest import missing_real_component
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 UPGRADE = "desktop-gateway db upgrade"
@@ -311,9 +312,7 @@ def empty_postgres_database() -> Iterator[str]:
     """A new, empty PostgreSQL database (no schema), as a plain ``postgresql://`` URL; dropped afterwards."""
     admin_url = os.environ.get(POSTGRES_ENV)
     if not admin_url:
-        if os.environ.get("CI"):
-            pytest.fail(f"{POSTGRES_ENV} is not set: in CI the PostgreSQL tests must run (see .ci/run)")
-        pytest.skip(f"set {POSTGRES_ENV} to run the PostgreSQL variant")
+        missing_real_component(f"{POSTGRES_ENV} is not set (scripts/start-postgres prints one)")
     name = f"dg_cli_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(admin_url, f"CREATE DATABASE {name}"))
     try:

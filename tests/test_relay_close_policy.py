@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Update, select, update
 from websockets.exceptions import ConnectionClosed
 
 import kasm_front
@@ -277,8 +277,24 @@ async def test_failures_are_logged_once_and_audited(
     assert ("connect-failed", "anna") in events
 
 
-async def test_stop_seen_by_another_worker_closes_with_1001(start_gateway: StartGateway) -> None:
-    """A desktop stopped through another worker process is closed here too, by the next maintenance sweep."""
+def _stop_desktop(desktop_id: str) -> Update:
+    return update(Desktop).where(Desktop.id == desktop_id).values(state="stopped")
+
+
+def _revoke_sessions(desktop_id: str) -> Update:
+    return update(BrowserSession).values(revoked_at=utcnow())
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [(_stop_desktop, (1001, "The desktop was stopped.")), (_revoke_sessions, (1000, "You signed out."))],
+    ids=["desktop-stopped-1001", "signed-out-1000"],
+)
+async def test_change_seen_by_another_worker_ends_the_relay(
+    start_gateway: StartGateway, change: Callable[[str], Update], expected: tuple[int, str]
+) -> None:
+    """A desktop stopped or a session revoked through another worker process ends this worker's relays
+    at the next maintenance sweep, with 1001 or 1000."""
     async with kasm_front.KasmFront(users={"kasm_user": PW}) as front:
         gw = await start_gateway(static_type("lab", front.port), maintenance_interval="1")
         desktop, cookie = await gw.open_desktop("anna", "lab")
@@ -286,23 +302,9 @@ async def test_stop_seen_by_another_worker_closes_with_1001(start_gateway: Start
             await ws.send(b"x")
             assert await ws.recv() == b"x"
             async with gw.gateway.sessions() as db:
-                await db.execute(update(Desktop).where(Desktop.id == desktop["id"]).values(state="stopped"))
+                await db.execute(change(desktop["id"]))
                 await db.commit()
-            assert await close_frame(ws) == (1001, "The desktop was stopped.")
-
-
-async def test_sign_out_seen_by_another_worker_closes_with_1000(start_gateway: StartGateway) -> None:
-    """A session revoked through another worker process ends this worker's relays with 1000."""
-    async with kasm_front.KasmFront(users={"kasm_user": PW}) as front:
-        gw = await start_gateway(static_type("lab", front.port), maintenance_interval="1")
-        desktop, cookie = await gw.open_desktop("anna", "lab")
-        async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
-            await ws.send(b"x")
-            assert await ws.recv() == b"x"
-            async with gw.gateway.sessions() as db:
-                await db.execute(update(BrowserSession).values(revoked_at=utcnow()))
-                await db.commit()
-            assert await close_frame(ws) == (1000, "You signed out.")
+            assert await close_frame(ws) == expected
 
 
 async def test_browser_without_subprotocol_connects(gw: RunningGateway, kasm: kasm_front.KasmFront) -> None:
