@@ -33,7 +33,10 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
     on_resume_writing: Callable[[], None] | None = None
     closed: asyncio.Future[tuple[int, str]] | None = None
 
-    relayed = False  # handed to a relay, which outlives the app's task and ends the connection itself
+    @property
+    def relayed(self) -> bool:
+        """Handed to a relay (spliced), which outlives the app's task and ends the connection itself."""
+        return self.closed is not None
 
     # uvicorn's ASGI queue and "writable" event serve only the app's receive() and send(), which a relay
     # needs again only at its end: an idle relay keeps neither (they are made again on first use).
@@ -143,7 +146,6 @@ class BrowserWebSocketProtocol(WebSocketsSansIOProtocol):
         on_resume_writing: Callable[[], None],
     ) -> asyncio.Future[tuple[int, str]]:
         """Deliver browser messages to ``sink``; return a future of the browser's close code and reason."""
-        self.relayed = True
         self.closed = asyncio.get_running_loop().create_future()
         if self.disconnected:
             self.closed.set_result((1006, ""))

@@ -105,7 +105,7 @@ class Relay:
     task (the loop shutting down) closes the container leg with 1001.
     """
 
-    __slots__ = ("_browser", "_browser_closed", "_handle", "_on_end", "_still_running", "_task", "_upstream")
+    __slots__ = ("_browser", "_handle", "_on_end", "_still_running", "_task", "_upstream")
 
     def __init__(
         self,
@@ -120,12 +120,11 @@ class Relay:
         self._handle = handle
         self._still_running = still_running
         self._on_end = on_end
-        self._browser_closed: asyncio.Future[tuple[int, str]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._browser_closed = _splice(self._browser, self._upstream, self._handle)
-        for ending in (self._browser_closed, self._upstream.ended, self._handle.stopped):
+        browser_closed = _splice(self._browser, self._upstream, self._handle)
+        for ending in (browser_closed, self._upstream.ended, self._handle.stopped):
             ending.add_done_callback(self._ending)
 
     def _ending(self, _: object) -> None:
@@ -140,8 +139,8 @@ class Relay:
     async def _finish(self) -> None:
         browser, upstream = self._browser, self._upstream
         try:
-            assert self._browser_closed is not None
-            outcome = await _decide(self._browser_closed, upstream, self._handle, self._still_running)
+            assert browser.closed is not None  # made by the splice
+            outcome = await _decide(browser.closed, upstream, self._handle, self._still_running)
             if outcome.to_container is not None:
                 upstream.close(outcome.to_container.code, outcome.to_container.reason)
             else:

@@ -196,7 +196,7 @@ class Upstream(asyncio.Protocol):
 
     def _send_request(self) -> None:
         assert self._handshake is not None
-        self._send_raw(b"".join(self._handshake.data_to_send()))
+        self._send_raw(*self._handshake.data_to_send())
 
     def _broken(self, exc: BaseException) -> None:
         """The connection cannot go on (a TLS error, or the TLS session ended): a failed open or a drop."""
@@ -335,20 +335,20 @@ class Upstream(asyncio.Protocol):
 
     # --- sending --------------------------------------------------------------------------------
 
-    def _send_raw(self, data: bytes) -> None:
+    def _send_raw(self, *parts: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if self._tls is None:
-            self.transport.write(data)
+            self.transport.writelines(parts)
             return
         try:
-            self.transport.write(self._tls.encrypt(data))
+            self.transport.write(self._tls.encrypt(b"".join(parts)))
         except ssl.SSLError as exc:  # the TLS session broke: a drop, decided like any other
             self._broken(exc)
 
     def _write(self, opcode: int, payload: bytes | memoryview) -> None:
         mask = secrets.token_bytes(4)
-        self._send_raw(frame_header(opcode, len(payload), mask) + apply_mask(payload, mask))
+        self._send_raw(frame_header(opcode, len(payload), mask), apply_mask(payload, mask))
 
     def send(self, data: bytes | memoryview, text: bool = False) -> None:
         """Send a browser message; RFB is a byte stream and KasmVNC drops frames over 65,535 bytes,
