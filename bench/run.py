@@ -352,20 +352,21 @@ class Bench:
         that memory and would look cheaper the next time. A burst leaves more memory behind than the
         sessions need (every handshake's transient objects at once), hence the two memory figures.
         """
-        await self._crowd_in(number, path, self.plan.batch, report.MEMORY, count=False)
-        await self._crowd_in(number, path, None, report.MEMORY_BURST, count=True)
+        await self._crowd_in(number, path, self.plan.batch)
+        await self._crowd_in(number, path, None)
 
-    async def _crowd_in(
-        self, number: int, path: str, batch: int | None, memory: report.Figure, count: bool
-    ) -> None:
-        """Open the crowd in a fresh process, prove each session live, read the memory, maybe count.
+    async def _crowd_in(self, number: int, path: str, batch: int | None) -> None:
+        """Open the crowd in a fresh process (``batch`` at a time, or all at once when ``None``), prove
+        each session live and read the memory; for the burst, also count the sessions held and errors.
 
         A few sessions are opened and closed first, so that what is loaded once per process is in the
         baseline, not in the per-session figure.
         """
+        burst = batch is None
+        memory = report.MEMORY_BURST if burst else report.MEMORY
         async with contextlib.AsyncExitStack() as stack:
             pid: int | None = None
-            kind = "burst" if batch is None else "paced"
+            kind = "burst" if burst else "paced"
             if path == DIRECT:
                 target = self.targets[DIRECT]
             elif path == NGINX:
@@ -385,7 +386,7 @@ class Bench:
             await asyncio.sleep(self.plan.settle_seconds)
             if pid is not None:
                 self.results.add(memory, path, number, (procs.rss_kib(pid) - before) / self.plan.crowd)
-            if not count:
+            if not burst:
                 if crowd.error_count():
                     self.results.note(f"round {number}: {path}: {crowd.error_count()} errors opening {kind}")
                 return
