@@ -140,29 +140,26 @@ class CpuMeter:
         self._proxy_pids = proxy_pids
         self._backend_pids = backend_pids
 
-    def _now(self) -> CpuUse:
-        return CpuUse(
-            sum(procs.cpu_seconds(p) for p in self._proxy_pids()),
-            sum(procs.cpu_seconds(p) for p in self._backend_pids),
-            procs.own_cpu_seconds(),
-            procs.machine_idle_seconds(),
-            time.perf_counter(),
-        )
+    def _processes(self) -> tuple[float, float]:
+        proxy = sum(procs.cpu_seconds(p) for p in self._proxy_pids())
+        return proxy, sum(procs.cpu_seconds(p) for p in self._backend_pids)
 
     @contextlib.contextmanager
     def measure(self, into: CpuUse) -> Iterator[None]:
-        before = self._now()
+        """Add what the block used to ``into``.
+
+        The proxy's and the backend's CPU are read outside the timed stretch, this process's and the
+        machine's at its very edges: a process with many threads takes long to read (one schedstat file
+        per thread; a thousand threads take tens of milliseconds), which would otherwise count as wall
+        time of the measurement and as CPU of the client.
+        """
+        proxy, backend = self._processes()
+        idle, client, start = procs.machine_idle_seconds(), procs.own_cpu_seconds(), time.perf_counter()
         yield
-        after = self._now()
-        into.add(
-            CpuUse(
-                after.proxy - before.proxy,
-                after.backend - before.backend,
-                after.client - before.client,
-                after.idle - before.idle,
-                after.wall - before.wall,
-            )
-        )
+        wall = time.perf_counter() - start
+        client, idle = procs.own_cpu_seconds() - client, procs.machine_idle_seconds() - idle
+        proxy_after, backend_after = self._processes()
+        into.add(CpuUse(proxy_after - proxy, backend_after - backend, client, idle, wall))
 
 
 class Bench:
