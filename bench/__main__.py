@@ -11,13 +11,15 @@ from pathlib import Path
 
 import uvloop
 
-from bench import nginx, run
+from bench import apache, nginx, run
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Measure desktop-gateway's relay against nginx and a direct connection, on loopback.",
+        description=(
+            "Measure desktop-gateway's relay against nginx, Apache and a direct connection, on loopback."
+        ),
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes and counts, a few seconds (CI smoke)"
@@ -64,11 +66,19 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     if args.profile_seconds is not None:
         plan = dataclasses.replace(plan, profile_seconds=args.profile_seconds)
-    binary = nginx.find_nginx()
-    if binary is None:
+    nginx_binary = nginx.find_nginx()
+    if nginx_binary is None:
         print(
             "python -m bench: nginx is not installed (apt-get install nginx); it is the reference the "
             "gateway is measured against",
+            file=sys.stderr,
+        )
+        return 2
+    apache_binary = apache.find_apache()
+    if apache_binary is None:
+        print(
+            "python -m bench: Apache is not installed (apt-get install apache2); it is measured beside "
+            "nginx, as what a school would otherwise run",
             file=sys.stderr,
         )
         return 2
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
     )
     try:
-        return uvloop.run(run.run(options, binary))
+        return uvloop.run(run.run(options, run.Binaries(nginx=nginx_binary, apache=apache_binary)))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("python -m bench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130

@@ -12,10 +12,12 @@ import dataclasses
 import statistics
 from collections.abc import Callable
 
-DIRECT, NGINX, GATEWAY, GATEWAY_W2 = "direct", "nginx", "gateway", "gateway-w2"
-PATHS = (DIRECT, NGINX, GATEWAY)
+DIRECT, NGINX, APACHE, GATEWAY, GATEWAY_W2 = "direct", "nginx", "apache", "gateway", "gateway-w2"
+PATHS = (DIRECT, NGINX, APACHE, GATEWAY)
+PROXIES = (NGINX, APACHE, GATEWAY)
 
-# The targets, on a 2-core machine, one gateway worker against one nginx worker.
+# The targets, on a 2-core machine, one gateway worker against one nginx worker (Apache is shown
+# beside nginx, as what a school would otherwise run, but sets no target).
 RTT_P50_MAX_RATIO = 1.3
 THROUGHPUT_MIN_RATIO = 1.0
 MEMORY_MAX_KIB = 48.0
@@ -119,15 +121,20 @@ def _at_least(value: float | None, limit: float) -> bool | None:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Row:
     label: str
-    cells: tuple[str, str, str]  # direct, nginx, gateway
+    cells: tuple[str, ...]  # one per path of PATHS, in its order
     vs_nginx: str
+    vs_apache: str
     vs_direct: str
     target: str
     met: bool | None
 
 
-def _per_path(cell: Callable[[str], str]) -> tuple[str, str, str]:
-    return cell(DIRECT), cell(NGINX), cell(GATEWAY)
+def _per_path(cell: Callable[[str], str]) -> tuple[str, ...]:
+    return tuple(cell(path) for path in PATHS)
+
+
+def _gateway_only(cell: str) -> tuple[str, ...]:
+    return _per_path(lambda p: cell if p == GATEWAY else "-")
 
 
 def rows(results: Results, layout: Layout) -> list[Row]:
@@ -138,6 +145,7 @@ def rows(results: Results, layout: Layout) -> list[Row]:
             label,
             _per_path(lambda p: _number(results.median(figure, p), figure.digits) if p in paths else "-"),
             _ratio(results.ratio(figure, GATEWAY, NGINX)),
+            _ratio(results.ratio(figure, GATEWAY, APACHE)),
             _ratio(results.ratio(figure, GATEWAY, DIRECT)) if DIRECT in paths else "-",
             target,
             met,
@@ -180,19 +188,20 @@ def rows(results: Results, layout: Layout) -> list[Row]:
             MEMORY,
             f"gateway <= {MEMORY_MAX_KIB:g} KiB",
             _at_most(memory, MEMORY_MAX_KIB),
-            (NGINX, GATEWAY),
+            PROXIES,
         ),
         row(
             f"memory per idle session, {crowd} at once (KiB)",
             MEMORY_BURST,
             "(none)",
             None,
-            (NGINX, GATEWAY),
+            PROXIES,
         ),
         Row(
             f"sessions held, {crowd} at once (worst round)",
             worst_held,
             _ratio(results.ratio(HELD, GATEWAY, NGINX)),
+            _ratio(results.ratio(HELD, GATEWAY, APACHE)),
             _ratio(results.ratio(HELD, GATEWAY, DIRECT)),
             f"gateway {crowd} held",
             sessions_met,
@@ -202,20 +211,23 @@ def rows(results: Results, layout: Layout) -> list[Row]:
             worst_errors,
             "-",
             "-",
+            "-",
             "gateway 0 errors",
             sessions_met,
         ),
         Row(
             f"{layout.streams} streams, --workers 2 (MB/s)",
-            ("-", "-", _number(w2, 0)),
+            _gateway_only(_number(w2, 0)),
             _ratio(results.ratio(STREAMS, GATEWAY_W2, NGINX)),
+            _ratio(results.ratio(STREAMS, GATEWAY_W2, APACHE)),
             _ratio(results.ratio(STREAMS, GATEWAY_W2, DIRECT)),
             "(next line)",
             None,
         ),
         Row(
             "scaling: --workers 2 / --workers 1",
-            ("-", "-", _ratio(scaling)),
+            _gateway_only(_ratio(scaling)),
+            "-",
             "-",
             "-",
             f"workers 2 >= {WORKERS_2_MIN_RATIO:.2f}x workers 1",
@@ -225,13 +237,14 @@ def rows(results: Results, layout: Layout) -> list[Row]:
 
 
 def table(all_rows: list[Row]) -> list[str]:
-    header = Row("figure", ("direct", "nginx", "gateway"), "gw/nginx", "gw/direct", "target", None)
+    header = Row("figure", PATHS, "gw/nginx", "gw/apache", "gw/direct", "target", None)
     label_width = max(len(r.label) for r in (header, *all_rows))
     target_width = max(len(r.target) for r in (header, *all_rows))
 
     def line(r: Row, met: str) -> str:
+        cells = "".join(f"{cell:>9}  " for cell in r.cells)
         return (
-            f"{r.label:<{label_width}}  {r.cells[0]:>9}  {r.cells[1]:>9}  {r.cells[2]:>9}  {r.vs_nginx:>8}  "
+            f"{r.label:<{label_width}}  {cells}{r.vs_nginx:>8}  {r.vs_apache:>9}  "
             f"{r.vs_direct:>9}  {r.target:<{target_width}}  {met}"
         ).rstrip()
 
@@ -266,7 +279,7 @@ def headroom(results: Results, layout: Layout) -> list[str]:
     )
     for figure, name, higher_is_better in checks:
         direct = results.median(figure, DIRECT)
-        proxied = [v for p in (NGINX, GATEWAY) if (v := results.median(figure, p)) is not None]
+        proxied = [v for p in PROXIES if (v := results.median(figure, p)) is not None]
         if direct is None or not proxied or direct <= 0:
             continue
         best = max(proxied) if higher_is_better else min(proxied)

@@ -6,10 +6,10 @@ at the finest grain each figure allows:
 * round trips and the single stream keep one connection per path open and alternate between the paths
   every few hundred round trips or every few tens of MB, so a burst of other work hits all paths alike;
 * the 200 streams run one path after the other, the order rotating from round to round;
-* the memory and burst figures use a fresh nginx and a fresh gateway each, in every round, because a
-  process that has already held 1,000 sessions keeps much of that memory and would look cheaper the next
-  time. Memory is read twice: with the sessions opened 50 at a time (what holding them costs), and after
-  all of them connected at once (what a burst leaves behind besides).
+* the memory and burst figures use a fresh nginx, a fresh Apache and a fresh gateway each, in every
+  round, because a process that has already held 1,000 sessions keeps much of that memory and would look
+  cheaper the next time. Memory is read twice: with the sessions opened 50 at a time (what holding them
+  costs), and after all of them connected at once (what a burst leaves behind besides).
 
 While the streams run, the CPU time of the proxy, the backend and the load generator is read from /proc,
 which shows what the bottleneck was (a path is the bottleneck when its proxy uses a full core).
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -32,13 +33,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
-from bench import backend, gateway, load, nginx, procs, profile, report
-from bench.report import DIRECT, GATEWAY, GATEWAY_W2, NGINX, Results
+from bench import apache, backend, gateway, load, nginx, procs, profile, report
+from bench.report import APACHE, DIRECT, GATEWAY, GATEWAY_W2, NGINX, Results
 
 T = TypeVar("T")
 
 MEASUREMENT_TIMEOUT = 180.0  # any single measurement; a hung path fails that figure, not the run
-PATHS = (DIRECT, NGINX, GATEWAY)
+PATHS = report.PATHS
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,6 +93,14 @@ QUICK = Plan(
     deadline=5 * 60,
     quick=True,
 )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Binaries:
+    """The reference proxies' executables."""
+
+    nginx: str
+    apache: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -165,11 +174,11 @@ class CpuMeter:
 class Bench:
     """Everything one run has started, and the measurements on it."""
 
-    def __init__(self, options: Options, workdir: Path, nginx_binary: str) -> None:
+    def __init__(self, options: Options, workdir: Path, binaries: Binaries) -> None:
         self.options = options
         self.plan = options.plan
         self.workdir = workdir
-        self.nginx_binary = nginx_binary
+        self.binaries = binaries
         self.results = Results()
         self.stack = contextlib.AsyncExitStack()
         self.backend: backend.Backend
@@ -189,6 +198,8 @@ class Bench:
         backend_pids = [child.pid for child in self.backend.children]
         progress("starting nginx")
         proxy = await self._start_nginx("nginx", self.stack)
+        progress("starting Apache")
+        tunnel = await self._start_apache("apache", self.stack)
         progress("preparing and starting the gateway (--workers 1 and --workers 2)")
         self.setup = await gateway.prepare(self.workdir / "gateway", self.backend.port, self.backend.password)
         one = await self._gateway(1, "gateway-w1")
@@ -197,6 +208,7 @@ class Bench:
         self.targets = {
             DIRECT: self.direct_target(),
             NGINX: self.nginx_target(proxy),
+            APACHE: self.apache_target(tunnel),
             GATEWAY: self.gateway_target(one, GATEWAY),
             GATEWAY_W2: self.gateway_target(two, GATEWAY_W2),
         }
@@ -204,13 +216,14 @@ class Bench:
         self.meters = {
             DIRECT: CpuMeter(list, backend_pids),
             NGINX: CpuMeter(lambda: [proxy_worker], backend_pids),
+            APACHE: CpuMeter(tunnel.pids, backend_pids),
             GATEWAY: CpuMeter(one.worker_pids, backend_pids),
             GATEWAY_W2: CpuMeter(two.worker_pids, backend_pids),
         }
 
     async def _start_nginx(self, name: str, stack: contextlib.AsyncExitStack) -> nginx.Nginx:
         proxy = await nginx.start(
-            self.nginx_binary,
+            self.binaries.nginx,
             self.workdir / name,
             self.backend.port,
             self.backend.authorization,
@@ -219,6 +232,13 @@ class Bench:
         )
         stack.push_async_callback(proxy.stop)
         return proxy
+
+    async def _start_apache(self, name: str, stack: contextlib.AsyncExitStack) -> apache.Apache:
+        tunnel = await apache.start(
+            self.binaries.apache, self.workdir / name, self.backend.port, self.backend.authorization, name
+        )
+        stack.push_async_callback(tunnel.stop)
+        return tunnel
 
     async def _gateway(self, workers: int, name: str) -> gateway.Gateway:
         started = await gateway.start(self.setup, workers, name)
@@ -233,6 +253,10 @@ class Bench:
     @staticmethod
     def nginx_target(proxy: nginx.Nginx) -> load.Target:
         return load.Target(NGINX, proxy.url, load.browser_headers(f"http://127.0.0.1:{proxy.port}"))
+
+    @staticmethod
+    def apache_target(tunnel: apache.Apache) -> load.Target:
+        return load.Target(APACHE, tunnel.url, load.browser_headers(f"http://127.0.0.1:{tunnel.port}"))
 
     def gateway_target(self, running: gateway.Gateway, name: str) -> load.Target:
         cookie = {"Cookie": f"{gateway.COOKIE_NAME}={self.cookie}"}
@@ -345,9 +369,9 @@ class Bench:
         """Memory per idle session with sessions opened ``batch`` at a time (as classes sign in), then the
         burst: ``crowd`` sessions opened at once, its memory, and whether every one is held without error.
 
-        Each in a fresh nginx or gateway: a process that has already held 1,000 sessions keeps much of
-        that memory and would look cheaper the next time. A burst leaves more memory behind than the
-        sessions need (every handshake's transient objects at once), hence the two memory figures.
+        Each in a fresh nginx, Apache or gateway: a process that has already held 1,000 sessions keeps
+        much of that memory and would look cheaper the next time. A burst leaves more memory behind than
+        the sessions need (every handshake's transient objects at once), hence the two memory figures.
         """
         await self._crowd_in(number, path, self.plan.batch)
         await self._crowd_in(number, path, None)
@@ -362,27 +386,32 @@ class Bench:
         burst = batch is None
         memory = report.MEMORY_BURST if burst else report.MEMORY
         async with contextlib.AsyncExitStack() as stack:
-            pid: int | None = None
+            rss_kib: Callable[[], int] | None = None  # the proxy's resident memory (KiB)
             kind = "burst" if burst else "paced"
             if path == DIRECT:
                 target = self.targets[DIRECT]
             elif path == NGINX:
                 proxy = await self._start_nginx(f"nginx-crowd-{kind}-{number}", stack)
-                target, pid = self.nginx_target(proxy), proxy.worker_pid()
+                target = self.nginx_target(proxy)
+                rss_kib = functools.partial(procs.rss_kib, proxy.worker_pid())
+            elif path == APACHE:
+                tunnel = await self._start_apache(f"apache-crowd-{kind}-{number}", stack)
+                target, rss_kib = self.apache_target(tunnel), tunnel.rss_kib
             else:
                 fresh = await gateway.start(self.setup, 1, f"gateway-crowd-{kind}-{number}")
                 stack.push_async_callback(fresh.stop)
-                target, pid = self.gateway_target(fresh, GATEWAY), fresh.child.pid
+                target = self.gateway_target(fresh, GATEWAY)
+                rss_kib = functools.partial(procs.rss_kib, fresh.child.pid)
             await load.close_all(await load.connect_all(target, 10))
             await asyncio.sleep(self.plan.settle_seconds)
-            before = procs.rss_kib(pid) if pid is not None else 0
+            before = rss_kib() if rss_kib is not None else 0
             crowd = load.Crowd(target)
             stack.push_async_callback(crowd.close)
             await crowd.open(self.plan.crowd, batch)
             await crowd.echo()
             await asyncio.sleep(self.plan.settle_seconds)
-            if pid is not None:
-                self.results.add(memory, path, number, (procs.rss_kib(pid) - before) / self.plan.crowd)
+            if rss_kib is not None:
+                self.results.add(memory, path, number, (rss_kib() - before) / self.plan.crowd)
             if not burst:
                 if crowd.error_count():
                     self.results.note(f"round {number}: {path}: {crowd.error_count()} errors opening {kind}")
@@ -493,7 +522,7 @@ def machine() -> str:
     return f"{system}, {os.cpu_count()} CPUs ({cpu}){memory}"
 
 
-def versions(nginx_binary: str) -> str:
+def versions(binaries: Binaries) -> str:
     def of(package: str) -> str:
         try:
             return metadata.version(package)
@@ -503,25 +532,27 @@ def versions(nginx_binary: str) -> str:
     return (
         f"Python {platform.python_version()}, desktop-gateway {of('desktop-gateway')}, "
         f"uvicorn {of('uvicorn')}, websockets {of('websockets')}, uvloop {of('uvloop')}, "
-        f"picows {of('picows')}, nginx {nginx.version(nginx_binary)}"
+        f"picows {of('picows')}, nginx {nginx.version(binaries.nginx)}, "
+        f"Apache {apache.version(binaries.apache)}"
     )
 
 
-def header(options: Options, nginx_binary: str) -> list[str]:
+def header(options: Options, binaries: Binaries) -> list[str]:
     """What ran where: enough to reproduce the run and to put its figures in a table."""
     quick = " (QUICK: tiny sizes, a smoke test; do not read the figures)" if options.plan.quick else ""
     return [
         f"desktop-gateway relay benchmark{quick}",
         f"command: {options.command}",
         f"machine: {machine()}",
-        f"software: {versions(nginx_binary)}",
+        f"software: {versions(binaries)}",
         "paths: direct = client -> backend (TLS); nginx = client -> nginx, 1 worker, proxy_buffer_size "
-        f"{options.nginx_buffer_size or 'default (4k)'} -> backend (TLS); "
+        f"{options.nginx_buffer_size or 'default (4k)'} -> backend (TLS); apache = client -> Apache "
+        f"mod_proxy_wstunnel, 1 child of {apache.THREADS} threads (mpm_event) -> backend (TLS); "
         "gateway = client -> desktop-gateway serve --workers 1 -> backend (TLS)",
     ]
 
 
-def print_report(bench: Bench, options: Options, nginx_binary: str, elapsed: float) -> None:
+def print_report(bench: Bench, options: Options, binaries: Binaries, elapsed: float) -> None:
     plan = options.plan
     layout = report.Layout(
         crowd=plan.crowd,
@@ -533,12 +564,13 @@ def print_report(bench: Bench, options: Options, nginx_binary: str, elapsed: flo
     )
     part_mb = plan.stream_bytes / plan.stream_chunks / 1e6
     lines = [
-        *header(options, nginx_binary),
+        *header(options, binaries),
         f"method: {plan.rounds} rounds; round trips ({plan.rtt_count} per path and round) and the single "
         f"stream ({plan.stream_chunks} requests of {part_mb:g} MB on one "
         "connection) alternate between the paths; the streams run path after path in rotating order; "
-        f"memory and sessions use a fresh nginx and gateway per round and kind ({plan.batch} at a time, "
-        "then all at once); both TLS 1.2 to the backend",
+        "memory and sessions use a fresh nginx, Apache and gateway per round and kind "
+        f"({plan.batch} at a time, then all at once); every proxy talks TLS 1.2 to the backend; "
+        "Apache's memory and CPU are summed over its processes",
         "values are medians over rounds; ratios are medians of each round's side-by-side ratio; "
         "sessions held and errors are the worst round",
         f"took {elapsed:.0f} s",
@@ -558,7 +590,7 @@ def print_report(bench: Bench, options: Options, nginx_binary: str, elapsed: flo
     print("\n".join(lines), flush=True)
 
 
-async def run(options: Options, nginx_binary: str) -> int:
+async def run(options: Options, binaries: Binaries) -> int:
     """The whole run, bounded by the plan's deadline; every child process is stopped on the way out.
 
     The work directory (configurations, logs, database) is removed unless ``--keep`` was given or the
@@ -571,7 +603,7 @@ async def run(options: Options, nginx_binary: str) -> int:
     # SIGTERM ends the run like Ctrl-C does: cancelled, so that every child is stopped on the way out.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     workdir = Path(tempfile.mkdtemp(prefix="desktop-gateway-bench-"))
-    bench = Bench(options, workdir, nginx_binary)
+    bench = Bench(options, workdir, binaries)
     started = time.monotonic()
     keep, finished = options.keep, False
     try:
@@ -581,9 +613,9 @@ async def run(options: Options, nginx_binary: str) -> int:
                 await bench.warm_up()
                 for number in range(1, plan.rounds + 1):
                     await bench.round(number)
-                print_report(bench, options, nginx_binary, time.monotonic() - started)
+                print_report(bench, options, binaries, time.monotonic() - started)
             else:
-                print("\n".join(header(options, nginx_binary)), flush=True)
+                print("\n".join(header(options, binaries)), flush=True)
             if options.profiler is not None:
                 progress(f"profiling the gateway under load for {plan.profile_seconds:g} s")
                 limit = plan.profile_seconds + MEASUREMENT_TIMEOUT

@@ -1,7 +1,8 @@
 """Keeps the relay benchmark (bench/, issue 4) working: its quick mode runs end to end.
 
-A benchmark is not a test: this only checks that ``python -m bench --quick`` starts the backend, nginx
-and the gateway, measures every figure and stops, exiting 0. It never judges the figures themselves.
+A benchmark is not a test: this only checks that ``python -m bench --quick`` starts the backend, nginx,
+Apache and the gateway, measures every figure on every path and stops, exiting 0. It never judges the
+figures themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from gatewaytest import missing_real_component
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each figure's row of the table: the label, then the direct, nginx and gateway columns.
+PATHS = ("direct", "nginx", "apache", "gateway")
+# Each figure's row of the table: the label, then a column per path.
 FIGURE_ROWS = (
     r"round trip p50, 64 B \(us\)",
     r"round trip p99, 64 B \(us\)",
@@ -35,6 +37,8 @@ FIGURE_ROWS = (
 def _missing() -> str | None:
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").is_file():
         return "nginx is not installed (apt-get install nginx)"
+    if shutil.which("apache2") is None and not Path("/usr/sbin/apache2").is_file():
+        return "Apache is not installed (apt-get install apache2)"
     if importlib.util.find_spec("picows") is None:
         return "picows is not installed (pip install -e '.[bench]')"
     return None
@@ -55,7 +59,16 @@ def test_quick_benchmark_prints_every_figure() -> None:
     explain = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
     assert result.returncode == 0, explain
     assert "FAILED" not in result.stdout, explain
+    header = re.search(r"^figure\s+(.*?)\s+gw/nginx\s+gw/apache\s+gw/direct\s", result.stdout, re.MULTILINE)
+    assert header is not None, f"no table header with the ratios to nginx and Apache\n{explain}"
+    assert tuple(header.group(1).split()) == PATHS, explain
+    cells = r"\s+\S+" * len(PATHS)
     for row in FIGURE_ROWS:
-        found = re.search(rf"^{row}\s+\S+\s+\S+\s+\S+", result.stdout, re.MULTILINE)
+        found = re.search(rf"^{row}{cells}", result.stdout, re.MULTILINE)
         assert found, f"no row {row!r}\n{explain}"
+    for path in PATHS[1:]:
+        # Every proxy's CPU was read while it streamed, and its memory with the crowd open.
+        assert re.search(rf"^  1 stream\s+{path}\s+\d", result.stdout, re.MULTILINE), explain
+        for figure in ("memory", "memory_burst", "held"):
+            assert re.search(rf"^  {figure}\s+{path}\s+\d", result.stdout, re.MULTILINE), explain
     assert "load generator headroom:" in result.stdout, explain
