@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine
-from gatewaytest import RunningGateway, start_gateway_on
+from gatewaytest import ASGI_SERVERS, SERVE, RunningGateway, start_gateway_on
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 
@@ -105,7 +105,28 @@ StartGateway = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-async def start_gateway(database_url: str, tmp_path: Path) -> AsyncIterator[StartGateway]:
+def asgi_server() -> str:
+    """The ASGI server gateways run under: `desktop-gateway serve`'s, unless a test module parametrizes
+    this over :data:`gatewaytest.ASGI_SERVERS`."""
+    return SERVE.name
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Other ASGI servers run on SQLite only: the database has no part in what a server changes."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        server = params.params.get("asgi_server", SERVE.name) if params else SERVE.name
+        database = params.params.get("database_url") if params else None
+        (drop if server != SERVE.name and database == "postgresql" else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture
+async def start_gateway(database_url: str, tmp_path: Path, asgi_server: str) -> AsyncIterator[StartGateway]:
     """Start gateways on loopback with the given desktop types; all are shut down after the test."""
     running: list[RunningGateway] = []
 
@@ -113,7 +134,9 @@ async def start_gateway(database_url: str, tmp_path: Path) -> AsyncIterator[Star
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
-        gateway = await start_gateway_on(sock, database_url, tmp_path / f"gw{len(running)}", types_toml, env)
+        gateway = await start_gateway_on(
+            sock, database_url, tmp_path / f"gw{len(running)}", types_toml, env, ASGI_SERVERS[asgi_server]
+        )
         running.append(gateway)
         return gateway
 

@@ -7,12 +7,15 @@ import dataclasses
 import hashlib
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 import pytest
+import uvicorn
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -20,9 +23,9 @@ from websockets.typing import Origin, Subprotocol
 
 from desktop_gateway import apikeys
 from desktop_gateway.app import create_app
-from desktop_gateway.gateway import Gateway
+from desktop_gateway.gateway import Gateway, all_going_away
 from desktop_gateway.identity import COOKIE_NAME
-from desktop_gateway.serve import GatewayServer, uvicorn_config
+from desktop_gateway.serve import shut_down, uvicorn_config
 from desktop_gateway.settings import Settings, load_settings
 
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
@@ -36,13 +39,47 @@ def missing_real_component(what: str) -> NoReturn:
     pytest.skip(what)
 
 
+@dataclasses.dataclass(frozen=True)
+class AsgiServer:
+    """An ASGI server the relay is tested under, and what it can carry of a browser's close.
+
+    The app sees a browser's side only through the server's ``websocket.disconnect`` message, so what
+    a server leaves out of it cannot reach the desktop.
+    """
+
+    name: str
+    # hypercorn reports every close the browser starts as 1006, whatever its code and reason were.
+    reports_browser_close: bool = True
+    # uvicorn's sans-I/O and wsproto implementations report a browser that vanished as 1005, like a
+    # close frame without a code: the desktop is told 1000 instead of 1001.
+    tells_drop_from_empty_close: bool = True
+    # uvicorn's websockets.legacy-based implementation closes a browser that sent a message over its
+    # limit with 1009 but does not tell the app for seconds.
+    reports_message_too_big: bool = True
+    uvicorn_ws: str | None = None
+
+
+SERVE = AsgiServer("serve", tells_drop_from_empty_close=False, uvicorn_ws="websockets-sansio")
+ASGI_SERVERS = {
+    server.name: server
+    for server in (
+        SERVE,
+        # Deprecated in uvicorn, but the one that reports a vanished browser as 1006.
+        AsgiServer("uvicorn-websockets", reports_message_too_big=False, uvicorn_ws="websockets"),
+        AsgiServer("uvicorn-wsproto", tells_drop_from_empty_close=False, uvicorn_ws="wsproto"),
+        AsgiServer("hypercorn", reports_browser_close=False),
+    )
+}
+
+
 @dataclasses.dataclass
 class RunningGateway:
     base_url: str
     app: Starlette
-    server: GatewayServer
     task: asyncio.Task[None]
     settings: Settings
+    server: AsgiServer
+    shut_down: Callable[[], Awaitable[None]]
     api_key: str = ""
 
     @property
@@ -55,7 +92,8 @@ class RunningGateway:
         return "ws" + self.base_url.removeprefix("http")
 
     async def stop(self) -> None:
-        self.server.should_exit = True
+        """Shut the server down as ``desktop-gateway serve`` does on SIGTERM."""
+        await self.shut_down()
         await self.task
 
     def portal(self, key: str | None = None) -> httpx.AsyncClient:
@@ -114,7 +152,12 @@ class RunningGateway:
 
 
 async def start_gateway_on(
-    sock: socket.socket, database_url: str, workdir: Path, types_toml: str, env: Mapping[str, str]
+    sock: socket.socket,
+    database_url: str,
+    workdir: Path,
+    types_toml: str,
+    env: Mapping[str, str],
+    server: AsgiServer = SERVE,
 ) -> RunningGateway:
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (test set-up, before any traffic)
     port = sock.getsockname()[1]
@@ -133,15 +176,47 @@ async def start_gateway_on(
         workdir=workdir,
     )
     app = create_app(settings)
-    config = uvicorn_config(settings, "127.0.0.1", port, 1)
-    config.app = app
-    config.factory = False
-    server = GatewayServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    running = RunningGateway(base_url=base_url, app=app, server=server, task=task, settings=settings)
+    task: asyncio.Task[None]
+    shut: Callable[[], Awaitable[None]]
+    if server.uvicorn_ws is not None:
+        # The configuration `desktop-gateway serve` runs, with only the WebSocket implementation changed.
+        config = uvicorn_config(settings, "127.0.0.1", port, 1)
+        config.app = app
+        config.factory = False
+        config.ws = server.uvicorn_ws
+        uvicorn_server = uvicorn.Server(config)
+        task = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
+
+        async def shut() -> None:
+            await shut_down(uvicorn_server)
+    else:
+        hypercorn_config = HypercornConfig()
+        # hypercorn takes the descriptor over as a socket of its own: give it a copy, and close ours.
+        hypercorn_config.bind = [f"fd://{os.dup(sock.fileno())}"]
+        sock.close()
+        hypercorn_config.accesslog = None
+        stopping = asyncio.Event()
+
+        async def trigger() -> None:
+            await stopping.wait()
+
+        async def shut() -> None:
+            await all_going_away()
+            stopping.set()
+
+        task = asyncio.create_task(hypercorn_serve(app, hypercorn_config, shutdown_trigger=trigger))  # type: ignore[arg-type]
+    running = RunningGateway(
+        base_url=base_url, app=app, task=task, settings=settings, server=server, shut_down=shut
+    )
     # Connections wait in the listen backlog until the lifespan has run: this request is the readiness wait.
     async with httpx.AsyncClient(base_url=base_url) as client:
-        assert (await client.get("/healthz")).status_code == 200
+        ready = asyncio.create_task(client.get("/healthz"))
+        await asyncio.wait((ready, task), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # the server's own error
+            raise AssertionError(f"{server.name} ended before it answered")
+        assert (await ready).status_code == 200
     async with running.gateway.sessions() as db:
         running.api_key = await apikeys.create_api_key(db, "test portal")
         await db.commit()

@@ -76,7 +76,7 @@ async def doctor(settings: Settings) -> int:
                     f"desktop {desktop.name}: its endpoint does not answer ({type(exc).__name__}: {exc})",
                 )
             else:
-                conn.close()
+                await conn.close()
                 report(True, f"desktop {desktop.name}: endpoint answers")
     finally:
         await engine.dispose()

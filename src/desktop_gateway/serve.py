@@ -8,42 +8,79 @@ once, in the parent, before any worker starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 
 from desktop_gateway import __version__
-from desktop_gateway.browserws import BrowserWebSocketProtocol
 from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
 from desktop_gateway.logs import setup_logging
+from desktop_gateway.relay import MAX_BROWSER_MESSAGE
 from desktop_gateway.settings import Settings
 
 log = logging.getLogger("desktop_gateway")
 
 
-class GatewayServer(uvicorn.Server):
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:
-            server.close()
-        await all_going_away()
-        await super().shutdown(sockets)
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when it is installed (``uvicorn[standard]`` brings it), as uvicorn's ``loop="auto"`` does."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover (a plain install of uvicorn)
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so the process would die of the signal
-        # (exit -15) after a clean shutdown; exit normally instead, as the multi-worker parent does.
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
+
+def _run(server: uvicorn.Server, sockets: list[socket.socket] | None) -> None:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve_until_signalled(server, sockets))
+
+
+async def shut_down(server: uvicorn.Server) -> None:
+    """Close every relay with 1001 and a sentence, then let uvicorn shut down.
+
+    In this order because uvicorn, once told to exit, closes every WebSocket itself with a bare 1012
+    before the app's lifespan ends, and noVNC would show that as an unexplained error.
+    """
+    await all_going_away()
+    server.should_exit = True
+
+
+async def serve_until_signalled(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+    """Run ``server`` until SIGTERM or SIGINT, then :func:`shut_down` it.
+
+    uvicorn installs its own signal handlers while it serves (and restores the previous ones after), so
+    the signals are taken over once it has started; one that comes before that is seen by uvicorn itself,
+    which shuts down as it always does.
+    """
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(signalled.set)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Also what uvicorn restores when it returns: a signal it caught and re-raises then ends nothing.
+        signal.signal(signum, on_signal)
+    serving = asyncio.create_task(server.serve(sockets))
+    while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn offers no event for it)
+        await asyncio.sleep(0.05)
+    if not serving.done():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, on_signal)
+    waiting = asyncio.create_task(signalled.wait())
+    await asyncio.wait((serving, waiting), return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if signalled.is_set() and not serving.done():
+        await shut_down(server)
+    await serving
 
 
 def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uvicorn.Config:
@@ -58,7 +95,8 @@ def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uv
         proxy_headers=True,
         # Only a trusted reverse proxy may say who the client is (KasmVNC blacklists by that address).
         forwarded_allow_ips=settings.forwarded_allow_ips,
-        ws=BrowserWebSocketProtocol,
+        ws="websockets-sansio",  # the lightest of uvicorn's WebSocket implementations
+        ws_max_size=MAX_BROWSER_MESSAGE,
         ws_per_message_deflate=False,  # the RFB stream is already compressed; deflate only costs CPU
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
@@ -114,7 +152,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
         return 2
     config = uvicorn_config(settings, host, port, workers)
     if workers <= 1:
-        GatewayServer(config).run()
+        _run(uvicorn.Server(config), None)
         return 0
     return _supervise(config, workers, settings.log_level)
 
@@ -134,7 +172,7 @@ def _worker(config: uvicorn.Config, log_level: str) -> None:
     setup_logging(log_level)  # a spawned process starts with no logging set up
     sock = reuseport_socket(config.host, config.port)
     sock.listen(config.backlog)
-    GatewayServer(config).run(sockets=[sock])
+    _run(uvicorn.Server(config), [sock])
 
 
 def _supervise(config: uvicorn.Config, workers: int, log_level: str) -> int:

@@ -14,14 +14,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from desktop_gateway import closepolicy, desktops, upstream
-from desktop_gateway.browserws import EXTENSION, BrowserWebSocketProtocol
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
-from desktop_gateway.relay import EndedBy, Outcome, Relay, close_browser
+from desktop_gateway.relay import EndedBy, Outcome, close_browser, relay
 from desktop_gateway.relayhub import RelayHandle
 
 log = logging.getLogger("desktop_gateway.relay")
@@ -69,11 +69,10 @@ class Websockify:
         if scope["type"] == "http":
             await _upgrade_required(send)
             return
-        gateway: Gateway = scope["state"]["gateway"]
-        message = await receive()
-        if message["type"] != "websocket.connect":
+        websocket = WebSocket(scope, receive, send)
+        if (await websocket.receive())["type"] != "websocket.connect":
             return
-        await _serve(gateway, scope, receive, send)
+        await _serve(scope["state"]["gateway"], websocket)
 
 
 async def _upgrade_required(send: Send) -> None:
@@ -93,19 +92,21 @@ async def _upgrade_required(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(receive: Receive, send: Send, scope: Scope, close: Close) -> None:
-    offered = scope.get("subprotocols") or []
-    # A browser that offered a subprotocol fails the handshake (a bare 1006) unless one is chosen.
-    await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
-    await close_browser(receive, send, close)
+async def _refuse(websocket: WebSocket, close: Close) -> None:
+    offered = websocket.scope.get("subprotocols") or []
+    # Refusing the handshake itself reaches noVNC as a bare 1006: accept, then close with a sentence. A
+    # browser that offered a subprotocol fails the handshake (a bare 1006 again) unless one is chosen.
+    await websocket.accept(offered[0] if offered else None)
+    await close_browser(websocket, close)
 
 
-async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
-    headers = Headers(scope=scope)
+async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
+    scope = websocket.scope
+    headers = websocket.headers
     identity: Identity | None = scope.get("identity")
     username = identity.username if identity is not None else None
     name = desktop_name(scope, headers)
-    client_ip = scope["client"][0] if scope.get("client") else None
+    client_ip = websocket.client.host if websocket.client else None
 
     async def deny(close: Close, cause: str) -> None:
         log.warning(
@@ -117,7 +118,7 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
             cause,
         )
         gateway.audit.record("deny", username, name, cause)
-        await _refuse(receive, send, scope, close)
+        await _refuse(websocket, close)
 
     if not origin_allowed(scope, headers, gateway.settings.public_origin):
         await deny(closepolicy.FOREIGN_ORIGIN, f"foreign origin {headers.get('origin')!r}")
@@ -143,21 +144,12 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
         await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
         return
 
-    browser = scope.get("extensions", {}).get(EXTENSION)
-    if not isinstance(browser, BrowserWebSocketProtocol):
-        # Served by something other than `desktop-gateway serve` (its WebSocket protocol does the splice).
-        log.error(
-            "cannot relay: the server does not provide %s; run the gateway with desktop-gateway serve",
-            EXTENSION,
-        )
-        await _refuse(receive, send, scope, closepolicy.GATEWAY_ERROR)
-        return
-
     started = time.monotonic()
+    offered = scope.get("subprotocols") or []
     try:
         conn = await upstream.dial(
             found.target,
-            subprotocols=scope.get("subprotocols") or [],
+            subprotocols=offered,
             origin=headers.get("origin"),
             client_ip=client_ip,
             open_timeout=gateway.settings.upstream_connect_timeout,
@@ -175,47 +167,40 @@ async def _serve(gateway: Gateway, scope: Scope, receive: Receive, send: Send) -
             exc_info=exc if unexpected else None,
         )
         gateway.audit.record("connect-failed", username, name, f"{close.code} {_describe(exc)}")
-        await _refuse(receive, send, scope, close)
+        await _refuse(websocket, close)
         return
 
-    # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a browser
-    # fails a handshake that names a subprotocol it did not offer).
-    offered = scope.get("subprotocols") or []
-    chosen = conn.subprotocol if conn.subprotocol in offered else None
-    try:
-        await send({"type": "websocket.accept", "subprotocol": chosen})
-    except BaseException:
-        conn.abort()
-        raise
     handle = RelayHandle(
         desktop_id=found.desktop_id,
         desktop_name=found.name,
         username=identity.username,
         session_id=identity.session_id,
     )
-    log.info(
-        "connected: user=%s desktop=%s client=%s handshake=%.0fms",
-        username,
-        name,
-        client_ip or "-",
-        (time.monotonic() - started) * 1000,
-    )
-    gateway.audit.record("connect", username, name, None)
     gateway.hub.add(handle)
-    desktop_id = found.desktop_id
+    try:
+        # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a
+        # browser fails a handshake that names a subprotocol it did not offer).
+        await websocket.accept(conn.subprotocol if conn.subprotocol in offered else None)
+        log.info(
+            "connected: user=%s desktop=%s client=%s handshake=%.0fms",
+            username,
+            name,
+            client_ip or "-",
+            (time.monotonic() - started) * 1000,
+        )
+        gateway.audit.record("connect", username, name, None)
+        desktop_id = found.desktop_id
 
-    def still_running() -> Awaitable[bool]:
-        return gateway.launcher.still_running(desktop_id)
+        def still_running() -> Awaitable[bool]:
+            return gateway.launcher.still_running(desktop_id)
 
-    def ended(outcome: Outcome | None, error: BaseException | None) -> None:
+        outcome = await relay(websocket, conn, handle, still_running)
+    except BaseException:
+        conn.transport.abort()
+        raise
+    finally:
         gateway.hub.discard(handle)
-        if outcome is not None:
-            _log_outcome(gateway, handle, outcome)
-        elif error is not None:
-            log.error("relay failed: user=%s desktop=%s", username, handle.desktop_name, exc_info=error)
-
-    # From here on the relay lives in callbacks, and this request's task (and its scope) can end.
-    Relay(browser, conn, handle, still_running, ended).start()
+    _log_outcome(gateway, handle, outcome)
 
 
 async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
