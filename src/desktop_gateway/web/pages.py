@@ -16,6 +16,7 @@ from desktop_gateway.db.models import Desktop, DesktopState, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
+from desktop_gateway.origins import origin_allowed
 
 log = logging.getLogger("desktop_gateway.pages")
 _templates = Environment(
@@ -29,6 +30,11 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
 }
+
+FOREIGN_ORIGIN = (
+    "This request did not come from the desktop gateway's own pages, so it was refused. "
+    "Sign out from your desktop's page.\n"
+)
 
 
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
@@ -130,6 +136,12 @@ async def desktop_status(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
+    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
+        # Another site's page posting here would sign the student out (and close the desktop) at will.
+        origin = request.headers.get("origin")
+        log.warning("logout refused: user=%s origin=%.100r", who.username if who else "-", origin)
+        gateway.audit.record("deny", who.username if who else None, None, f"logout from origin {origin!r}")
+        return PlainTextResponse(FOREIGN_ORIGIN, status_code=403, headers=_PAGE_HEADERS)
     if who is not None:
         async with gateway.sessions() as db:
             await identity.end_session(db, who.session_id)
