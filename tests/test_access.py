@@ -230,6 +230,21 @@ async def test_replayed_launch_token_is_refused(gw: RunningGateway) -> None:
         assert len((await db.execute(select(BrowserSession))).all()) == 1
 
 
+async def test_launch_link_of_a_stopped_desktop_is_refused(gw: RunningGateway) -> None:
+    """A launch link whose desktop has stopped since signs nobody in; the page says to start it again."""
+    desktop = await gw.start_desktop("anna", "lab")
+    async with gw.portal() as portal:
+        assert (await portal.delete(f"/api/v1/desktops/{desktop['id']}")).status_code == 200
+    async with httpx.AsyncClient() as browser:
+        response = await browser.get(desktop["launch_url"])
+    assert response.status_code == 409
+    assert "not running" in response.text
+    assert "Start it again from the school portal" in response.text
+    assert "set-cookie" not in response.headers
+    async with gw.gateway.sessions() as db:
+        assert (await db.execute(select(BrowserSession))).all() == []
+
+
 async def test_concurrent_launch_redemptions_give_one_session(gw: RunningGateway) -> None:
     """Ten simultaneous redemptions of one launch link sign in exactly one browser."""
     desktop = await gw.start_desktop("anna", "lab")

@@ -36,6 +36,9 @@ FOREIGN_ORIGIN = (
     "Sign out from your desktop's page.\n"
 )
 
+# A launch link signs in only while its desktop runs or is on its way (the viewer waits for a start).
+LAUNCHABLE = (DesktopState.STARTING, DesktopState.RUNNING)
+
 
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
     html = _templates.get_template(template).render(**context)
@@ -60,6 +63,18 @@ async def launch_page(request: Request) -> Response:
             )
             gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
             return message(403, "Cannot open the desktop", exc.refusal.value)
+        found = await desktops.find_by_name(db, grant.desktop_name)
+        if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
+            # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.
+            # Not committed: the link stays unused, though only useful if the desktop is started again.
+            state = found.state.value if found is not None else "gone"
+            log.info("launch refused: desktop=%s state=%s", grant.desktop_name, state)
+            gateway.audit.record("deny", None, grant.desktop_name, f"launch of a desktop that is {state}")
+            return message(
+                409,
+                "Desktop not running",
+                "The desktop is not running. Start it again from the school portal.",
+            )
         old: Identity | None = request.scope.get("identity")
         if old is not None:
             await identity.end_session(db, old.session_id)
