@@ -158,10 +158,37 @@ async def test_replayed_cookie_after_logout_is_refused(gw: RunningGateway) -> No
     path = f"/desktop/{desktop['name']}/websockify"
     await assert_connects(gw, path, cookie)
     async with httpx.AsyncClient(base_url=gw.base_url, cookies={identity.COOKIE_NAME: cookie}) as browser:
-        response = await browser.post("/logout")
+        response = await browser.post("/logout", headers={"Origin": gw.base_url})
     assert response.status_code == 200
     assert "Max-Age=0" in response.headers["set-cookie"]
     await assert_refused(gw, path, cookie)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", None])
+async def test_logout_from_another_site_is_refused(gw: RunningGateway, origin: str | None) -> None:
+    """POST /logout with a foreign or missing Origin answers 403 with a sentence and signs nobody out."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    headers = {"Origin": origin} if origin is not None else {}
+    async with httpx.AsyncClient(base_url=gw.base_url, cookies={identity.COOKIE_NAME: cookie}) as browser:
+        response = await browser.post("/logout", headers=headers)
+    assert response.status_code == 403
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "refused" in response.text
+    assert "set-cookie" not in response.headers
+    await assert_connects(gw, f"/desktop/{desktop['name']}/websockify", cookie)
+
+
+async def test_logout_without_public_url_takes_the_requests_own_origin(
+    start_gateway: StartGateway, kasm: kasm_front.KasmFront
+) -> None:
+    """With no PUBLIC_URL, sign-out is accepted from the address the request came to, and only from it."""
+    gw = await start_gateway(static_type("lab", kasm.port), public_url="")
+    _, cookie = await gw.open_desktop("anna", "lab")
+    async with httpx.AsyncClient(base_url=gw.base_url, cookies={identity.COOKIE_NAME: cookie}) as browser:
+        foreign = await browser.post("/logout", headers={"Origin": "http://evil.example"})
+        own = await browser.post("/logout", headers={"Origin": gw.base_url})
+    assert foreign.status_code == 403
+    assert own.status_code == 200
 
 
 async def test_launch_sets_a_safe_cookie_and_redirects(gw: RunningGateway) -> None:
@@ -201,6 +228,21 @@ async def test_replayed_launch_token_is_refused(gw: RunningGateway) -> None:
     async with gw.gateway.sessions() as db:
         assert len((await db.execute(select(UsedLaunchToken))).all()) == 1
         assert len((await db.execute(select(BrowserSession))).all()) == 1
+
+
+async def test_launch_link_of_a_stopped_desktop_is_refused(gw: RunningGateway) -> None:
+    """A launch link whose desktop has stopped since signs nobody in; the page says to start it again."""
+    desktop = await gw.start_desktop("anna", "lab")
+    async with gw.portal() as portal:
+        assert (await portal.delete(f"/api/v1/desktops/{desktop['id']}")).status_code == 200
+    async with httpx.AsyncClient() as browser:
+        response = await browser.get(desktop["launch_url"])
+    assert response.status_code == 409
+    assert "not running" in response.text
+    assert "Start it again from the school portal" in response.text
+    assert "set-cookie" not in response.headers
+    async with gw.gateway.sessions() as db:
+        assert (await db.execute(select(BrowserSession))).all() == []
 
 
 async def test_concurrent_launch_redemptions_give_one_session(gw: RunningGateway) -> None:

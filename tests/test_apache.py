@@ -20,11 +20,12 @@ import kasm_front
 from apachetest import APACHE_BIN, RunningApache, free_port, start_apache
 from conftest import StartGateway
 from desktop_gateway.closepolicy import UNREACHABLE
-from desktop_gateway.identity import COOKIE_NAME
+from desktop_gateway.identity import session_cookie_name
 from desktop_gateway.websockify import WEBSOCKET_ONLY
 from gatewaytest import RunningGateway, close_frame, echo_round_trip, missing_real_component, static_type
 
 PW = "pw"
+COOKIE_NAME = session_cookie_name(secure=True)  # the site is https: __Host-dg_session
 
 
 @dataclasses.dataclass

@@ -309,6 +309,33 @@ async def test_user_names_are_lower_cased(gw: RunningGateway, spelling: str) -> 
     assert await count_rows(gw) == (1, 1)
 
 
+# Characters that str.lower() turns into ASCII: the Kelvin sign, and a dotted capital I (i + a dot).
+LOOK_ALIKES = ["\u212aate", "\u212aATE", "kat\u0130", "\u3000kate"]
+
+
+@pytest.mark.parametrize("spelling", LOOK_ALIKES)
+async def test_look_alike_user_names_are_refused(gw: RunningGateway, spelling: str) -> None:
+    """A name that is ASCII only after lower-casing (the Kelvin sign for k) is 422, never kate's desktop."""
+    kate = (await post(gw, "kate", "lab")).json()
+    response = await post(gw, spelling, "lab")
+    body = assert_problem(response, 422)
+    assert body["title"] == "Invalid user name"
+    assert kate["id"] not in response.text
+    assert await count_rows(gw) == (1, 1)
+    async with gw.portal() as portal:
+        listed = await portal.get("/api/v1/desktops", params={"user": spelling})
+    assert_problem(listed, 422)
+
+
+@pytest.mark.parametrize("desktop_type", ["\u212aiosk", "L\u0430b"])
+async def test_look_alike_desktop_types_are_refused(start_gateway: StartGateway, desktop_type: str) -> None:
+    """Desktop types are matched exactly: a look-alike of a configured type (kiosk, lab) is 422."""
+    gw = await start_gateway(static_type("kiosk", 1) + static_type("lab", 1))
+    response = await post(gw, "kate", desktop_type)
+    assert assert_problem(response, 422)["title"] == "Unknown desktop type"
+    assert await count_rows(gw) == (0, 0)
+
+
 async def test_name_collision_gives_distinct_names(gw: RunningGateway) -> None:
     """User "anna-lab" with type "pc" and user "anna" with type "lab-pc" both get a desktop, named apart."""
     first = await post(gw, "anna-lab", "pc")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,6 +77,39 @@ async def test_refused_credentials_are_not_shown_to_the_browser(start_gateway: S
     assert response.status_code == 502
     assert "www-authenticate" not in response.headers
     assert "refused" in response.text
+
+
+class SetsCookies(kasm_front.KasmFront):
+    """Fault stand-in: a desktop that answers every file with large ``Set-Cookie`` headers."""
+
+    async def _respond(
+        self, request: kasm_front.Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        planted = "".join(f"Set-Cookie: planted{i}={'x' * 3000}; Path=/\r\n" for i in range(8))
+        writer.write(kasm_front.http_response("200 OK", VNC_HTML, "text/html", extra=planted))
+
+
+async def test_desktop_cookies_never_reach_other_desktops(
+    start_gateway: StartGateway, kasm: kasm_front.KasmFront
+) -> None:
+    """Set-Cookie from one desktop is never stored or sent on; the browser's own cookies stay too."""
+    async with SetsCookies(users={"kasm_user": "pw"}) as planter:
+        gw = await start_gateway(static_type("lab", kasm.port) + static_type("planter", planter.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        planting, _ = await gw.open_desktop("anna", "planter")
+        for _ in range(3):
+            planted = await get(gw, f"/desktop/{planting['name']}/vnc.html", cookie)
+            assert planted.status_code == 200
+            assert "set-cookie" not in planted.headers
+        async with httpx.AsyncClient(base_url=gw.base_url) as browser:
+            page = await browser.get(
+                f"/desktop/{desktop['name']}/vnc.html",
+                headers={"Cookie": f"{COOKIE_NAME}={cookie}; portal_prefs=dark"},
+            )
+    assert page.status_code == 200
+    assert page.content == VNC_HTML
+    assert "cookie" not in kasm.last_request_headers
+    assert len(gw.gateway.assets.cookies.jar) == 0
 
 
 async def test_unreachable_desktop_gives_502(start_gateway: StartGateway) -> None:

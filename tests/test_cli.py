@@ -341,3 +341,27 @@ def test_postgres_without_schema_is_refused(tmp_path: Path, empty_postgres_datab
     assert key.returncode == 0, key.stderr
     assert apikeys.KEY_PATTERN.match(key.stdout.strip())
     assert not (tmp_path / DEFAULT_SQLITE_FILE).exists()
+
+
+def private_files(database: Path) -> dict[str, int]:
+    """The modes of an SQLite database file and its WAL and shared-memory files, where they exist."""
+    paths = [database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")]
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in paths if path.exists()}
+
+
+def test_serve_creates_the_embedded_database_private(tmp_path: Path) -> None:
+    """The embedded database holds VNC passwords: ``serve`` creates it (and its WAL files) mode 0600."""
+    with serving(tmp_path) as (_, port, _log):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
+            assert client.get("/readyz").status_code == 200
+        modes = private_files(tmp_path / DEFAULT_SQLITE_FILE)
+    assert DEFAULT_SQLITE_FILE in modes
+    assert set(modes.values()) == {0o600}, modes
+
+
+def test_db_upgrade_creates_a_configured_sqlite_file_private(tmp_path: Path) -> None:
+    """A configured SQLite file that the gateway creates (here by ``db upgrade``) is mode 0600."""
+    database = tmp_path / "configured.db"
+    result = run(tmp_path, "db", "upgrade", env=clean_env(DATABASE_URL=f"sqlite:///{database}"))
+    assert result.returncode == 0, result.stderr
+    assert private_files(database) == {"configured.db": 0o600}

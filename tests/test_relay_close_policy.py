@@ -126,7 +126,7 @@ async def test_logout_closes_with_1000(gw: RunningGateway, kasm: kasm_front.Kasm
         await ws.send(b"x")
         assert await ws.recv() == b"x"
         async with httpx.AsyncClient(base_url=gw.base_url, cookies={"dg_session": cookie}) as browser:
-            assert (await browser.post("/logout")).status_code == 200
+            assert (await browser.post("/logout", headers={"Origin": gw.base_url})).status_code == 200
         assert await close_frame(ws) == (1000, "You signed out.")
     await asyncio.wait_for(kasm.client_closed.wait(), TIMEOUT)
     assert kasm.last_close is not None

@@ -60,6 +60,7 @@ def test_empty_env_defaults(tmp_path: Path) -> None:
     assert settings.upstream_connect_timeout == 10.0
     assert settings.log_level == "INFO"
     assert settings.forwarded_allow_ips == "127.0.0.1,::1"
+    assert settings.audit_retention_days == 365
 
 
 def test_empty_values_mean_defaults(tmp_path: Path) -> None:
@@ -127,6 +128,7 @@ def test_bad_values_reported_together(tmp_path: Path) -> None:
         "DESKTOP_GATEWAY_UPSTREAM_CONNECT_TIMEOUT": "soon",
         "DESKTOP_GATEWAY_SESSION_MAX_AGE": "a day",
         "DESKTOP_GATEWAY_LAUNCH_TOKEN_MAX_AGE": "1",
+        "DESKTOP_GATEWAY_AUDIT_RETENTION_DAYS": "-1",
         "DESKTOP_GATEWAY_PUBLIC_URL": "desktop.school.example",
         "DESKTOP_GATEWAY_DESKTOP_TYPES": str(tmp_path / "missing.toml"),
         "DESKTOP_GATEWAY_SECRET_KEY": "too-short",

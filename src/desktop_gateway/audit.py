@@ -4,6 +4,11 @@ Recording never blocks a relay on the database: events go into a bounded queue t
 If the queue is full (the database stalls for long), further events are dropped and that is logged.
 Queued events are plain tuples, written with one multi-row INSERT per batch: a stalled database lets
 thousands of events queue up, and ORM objects for them would cost kilobytes each until written.
+
+Much of what is recorded is chosen by whoever connects (a desktop name from the query string, an Origin),
+so every field is cut to its column's length before it is queued: PostgreSQL refuses an over-long value
+and with it the whole batch. Should a batch still fail, its events are written one by one, so that one
+event the database refuses never takes the others with it.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ import datetime as dt
 import logging
 from typing import NamedTuple
 
-from sqlalchemy import insert
+from sqlalchemy import String, insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from desktop_gateway.db.models import AuditEvent, utcnow
 
 log = logging.getLogger("desktop_gateway.audit")
 BATCH = 500
+# ``detail`` is unbounded text; a refused handshake's Origin can be kilobytes, and nobody reads that much.
+UNBOUNDED_LIMIT = 500
 
 
 class _Event(NamedTuple):
@@ -29,6 +37,25 @@ class _Event(NamedTuple):
     username: str | None
     desktop: str | None
     detail: str | None
+
+
+def _column_limits() -> dict[str, int]:
+    """The most characters each text column of ``audit_events`` takes, read from the model."""
+    return {
+        column.name: column.type.length or UNBOUNDED_LIMIT
+        for column in AuditEvent.__table__.columns
+        if isinstance(column.type, String)  # Text is a String without a length
+    }
+
+
+LIMITS = _column_limits()
+
+
+def clip(value: str | None, limit: int) -> str | None:
+    """``value`` cut to at most ``limit`` characters, the cut marked with an ellipsis."""
+    if value is None or len(value) <= limit:
+        return value
+    return value[: limit - 1] + "\u2026"
 
 
 class AuditLog:
@@ -42,7 +69,15 @@ class AuditLog:
         self, event: str, username: str | None, desktop: str | None, detail: str | None = None
     ) -> None:
         try:
-            self._queue.put_nowait(_Event(utcnow(), event, username, desktop, detail))
+            self._queue.put_nowait(
+                _Event(
+                    utcnow(),
+                    event[: LIMITS["event"]],  # chosen by the gateway's own code: never longer in practice
+                    clip(username, LIMITS["username"]),
+                    clip(desktop, LIMITS["desktop"]),
+                    clip(detail, LIMITS["detail"]),
+                )
+            )
         except asyncio.QueueFull:
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 1000 == 0:
@@ -72,13 +107,55 @@ class AuditLog:
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                async with self._sessions() as db:
-                    await db.execute(insert(AuditEvent), [e._asdict() for e in batch])
-                    await db.commit()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("could not write %d audit events", len(batch))
+                await self._write(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _insert(self, events: list[_Event]) -> None:
+        async with self._sessions() as db:
+            await db.execute(insert(AuditEvent), [e._asdict() for e in events])
+            await db.commit()
+
+    async def _write(self, batch: list[_Event]) -> None:
+        """Write ``batch`` at once; if the database refuses it, event by event, logging each refused one."""
+        try:
+            await self._insert(batch)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1 or not _refused_data(exc):
+                log.error("could not write %d audit events: %s", len(batch), _cause(exc))
+                return
+            log.warning(
+                "could not write %d audit events at once (%s); writing them one by one",
+                len(batch),
+                _cause(exc),
+            )
+        for index, event in enumerate(batch):
+            try:
+                await self._insert([event])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not _refused_data(exc):
+                    log.error("could not write %d audit events: %s", len(batch) - index, _cause(exc))
+                    return
+                log.error(
+                    "audit event refused by the database, dropped: event=%s user=%s desktop=%r detail=%r: %s",
+                    event.event,
+                    event.username,
+                    event.desktop,
+                    event.detail,
+                    _cause(exc),
+                )
+
+
+def _refused_data(exc: Exception) -> bool:
+    """Whether the database refused the statement (a bad value) rather than became unreachable."""
+    return isinstance(exc, DBAPIError) and not exc.connection_invalidated
+
+
+def _cause(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

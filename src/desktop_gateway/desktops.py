@@ -103,10 +103,16 @@ class DesktopView:
 
 
 def normalise_username(raw: object) -> str:
+    """``raw`` trimmed and lower-cased, or :class:`InvalidUser`.
+
+    The ASCII check comes first: ``str.lower()`` and ``str.strip()`` turn some non-ASCII characters into
+    ASCII ones or away (the Kelvin sign into ``k``, an ideographic space into nothing), so checking only
+    afterwards would let ``"\u212aate"`` reach kate's desktop.
+    """
     if not isinstance(raw, str):
         raise InvalidUser("user must be a string")
-    username = raw.strip().lower()
-    if not USERNAME.match(username):
+    username = raw.strip().lower() if raw.isascii() else ""
+    if not USERNAME.fullmatch(username):
         raise InvalidUser(
             "user must be 1-64 characters: letters, digits, dots, dashes or underscores, "
             "starting and ending with a letter or digit"

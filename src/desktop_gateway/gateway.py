@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -144,9 +145,19 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
 
 
 def asset_client() -> httpx.AsyncClient:
-    """One pooled client for desktops' web assets; desktops use self-signed certificates (see upstream)."""
+    """One pooled client for desktops' web assets; desktops use self-signed certificates (see upstream).
+
+    The client is shared by every desktop, so it must keep no cookies: a jar would carry one desktop's
+    ``Set-Cookie`` to all the others (every desktop is on the same host, and cookies ignore ports), and
+    enough large ones would break every desktop's pages. A jar whose policy allows no domain stores and
+    sends nothing.
+    """
     return httpx.AsyncClient(
-        verify=unverified_tls(), timeout=httpx.Timeout(10.0), follow_redirects=False, trust_env=False
+        verify=unverified_tls(),
+        timeout=httpx.Timeout(10.0),
+        follow_redirects=False,
+        trust_env=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
     )
 
 

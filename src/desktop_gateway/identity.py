@@ -12,15 +12,18 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import secrets
-from http.cookies import CookieError, SimpleCookie
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from desktop_gateway.cookies import parse_cookie_header
 from desktop_gateway.db.models import BrowserSession, User, utcnow
 
 COOKIE_NAME = "dg_session"
+# Over https the browser only takes a cookie of this name when it is Secure, has Path=/ and no Domain, so
+# another site on the school's domain cannot plant or shadow a session cookie for the gateway.
+HOST_COOKIE_NAME = "__Host-" + COOKIE_NAME
 SALT = "desktop-gateway.session"
 
 
@@ -50,16 +53,19 @@ class SessionCodec:
         return session_id if isinstance(session_id, str) else None
 
 
-def cookie_from_header(cookie_header: str | None) -> str | None:
+def session_cookie_name(secure: bool) -> str:
+    """The session cookie's name: ``__Host-dg_session`` when the public URL is https, else ``dg_session``.
+
+    The one place the name is decided, so that signing in, signing out and reading it always agree.
+    """
+    return HOST_COOKIE_NAME if secure else COOKIE_NAME
+
+
+def cookie_from_header(cookie_header: str | None, secure: bool) -> str | None:
+    """The session cookie's value in a Cookie header, whatever other cookies sit beside it."""
     if not cookie_header:
         return None
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(cookie_header)
-    except CookieError:
-        return None
-    morsel = jar.get(COOKIE_NAME)
-    return morsel.value if morsel is not None else None
+    return parse_cookie_header(cookie_header).get(session_cookie_name(secure)) or None
 
 
 async def identify(db: AsyncSession, codec: SessionCodec, cookie_value: str | None) -> Identity | None:
@@ -102,7 +108,13 @@ async def end_session(db: AsyncSession, session_id: str) -> None:
 
 def session_cookie_header(value: str, max_age: int, secure: bool) -> str:
     """A ``Set-Cookie`` value: HttpOnly so page scripts never see it, Lax so it rides top-level links."""
-    parts = [f"{COOKIE_NAME}={value}", "Path=/", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+    parts = [
+        f"{session_cookie_name(secure)}={value}",
+        "Path=/",
+        f"Max-Age={max_age}",
+        "HttpOnly",
+        "SameSite=Lax",
+    ]
     if secure:
         parts.append("Secure")
     return "; ".join(parts)

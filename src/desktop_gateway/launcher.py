@@ -21,7 +21,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy, desktops
+from desktop_gateway import closepolicy, desktops, retention
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db.models import BrowserSession, Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
@@ -45,6 +45,7 @@ from desktop_gateway.upstream import Target, unverified_tls
 log = logging.getLogger("desktop_gateway.launcher")
 PORT_ATTEMPTS = 5
 DYING_GRACE = 1.0  # seconds a dropped leg's container gets to show it is exiting
+PURGE_INTERVAL = 3600.0  # seconds between purges of expired rows (they need no faster clean-up)
 STALE_GRACE = 60  # seconds past the start timeout after which a "starting" row has no live start
 
 
@@ -80,6 +81,7 @@ class Launcher:
         self.hub = hub
         self.audit = audit
         self._starts: dict[str, asyncio.Task[None]] = {}
+        self._purged_at: float | None = None
         self._probe = httpx.AsyncClient(verify=unverified_tls(), timeout=httpx.Timeout(5.0), trust_env=False)
 
     # --- starting -------------------------------------------------------------------------------
@@ -423,8 +425,23 @@ class Launcher:
             elif handle.session_id not in live:
                 handle.stop(closepolicy.SIGNED_OUT)
 
+    async def purge_expired(self) -> None:
+        """Delete expired sessions, used launch tokens past their lifetime and audit events past retention."""
+        async with self.sessions() as db:
+            purged = await retention.purge(db, self.settings, utcnow())
+            await db.commit()
+        self._purged_at = time.monotonic()
+        if purged:
+            log.info(
+                "purged %d expired sessions, %d used launch tokens and %d audit events",
+                purged.sessions,
+                purged.launch_tokens,
+                purged.audit_events,
+            )
+
     async def maintain(self) -> None:
-        """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, sweep relays."""
+        """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, sweep relays; and
+        purge expired rows once an hour."""
         has_images = any(not t.is_static for t in self.types.values())
         while True:
             await asyncio.sleep(self.settings.maintenance_interval)
@@ -433,6 +450,8 @@ class Launcher:
                     await self.reconcile()
                     await self.reap()
                 await self.sweep_relays()
+                if self._purged_at is None or time.monotonic() - self._purged_at >= PURGE_INTERVAL:
+                    await self.purge_expired()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

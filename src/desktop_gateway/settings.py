@@ -78,6 +78,7 @@ class Settings:
     max_desktops: int = 0
     maintenance_interval: int = 30
     container_bind_ip: str = "127.0.0.1"
+    audit_retention_days: int = 365
 
     @property
     def database_url_for_display(self) -> str:
@@ -274,6 +275,7 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         container_bind_ip=env.get(PREFIX + "CONTAINER_BIND_IP", "")
         or env.get(PREFIX + "CONTAINER_HOST", "")
         or "127.0.0.1",
+        audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 365, errors, minimum=0),
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 
@@ -18,8 +20,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def create_private_sqlite_file(url: str) -> None:
+    """Create an SQLite database file mode 0600 before SQLite would create it 0644 (umask permitting).
+
+    The file holds the desktops' VNC passwords. SQLite gives its WAL and shared-memory files the main
+    file's mode, so they stay private too. An existing file is left as it is; in-memory databases and
+    ``file:`` URIs are SQLite's business.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # it exists, or cannot be made: SQLite opens it or reports why not
+        return
+    os.close(fd)  # an empty file is an empty SQLite database
+
+
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
+        create_private_sqlite_file(url)
         engine = create_async_engine(url)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

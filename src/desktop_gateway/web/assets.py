@@ -2,6 +2,8 @@
 
 The browser never talks to a desktop directly and never sees its credentials: the gateway adds the Basic
 credentials, drops the desktop's authentication challenges and cookies, and streams the body through.
+Only the headers listed below go to the desktop: never the browser's Cookie header (the session cookie
+and whatever other sites on the school's domain set), since a desktop is run by whoever is signed in to it.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ class BrowserIdentity:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             scope["identity"] = None
-            cookie = cookie_from_header(Headers(scope=scope).get("cookie"))
+            gateway: Gateway = scope["state"]["gateway"]
+            cookie = cookie_from_header(Headers(scope=scope).get("cookie"), gateway.settings.secure_cookies)
             if cookie is not None:
-                scope["identity"] = await _identify(scope["state"]["gateway"], cookie)
+                scope["identity"] = await _identify(gateway, cookie)
         await self.app(scope, receive, send)
 
 

@@ -16,6 +16,7 @@ from desktop_gateway.db.models import Desktop, DesktopState, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
+from desktop_gateway.origins import origin_allowed
 
 log = logging.getLogger("desktop_gateway.pages")
 _templates = Environment(
@@ -29,6 +30,14 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
 }
+
+FOREIGN_ORIGIN = (
+    "This request did not come from the desktop gateway's own pages, so it was refused. "
+    "Sign out from your desktop's page.\n"
+)
+
+# A launch link signs in only while its desktop runs or is on its way (the viewer waits for a start).
+LAUNCHABLE = (DesktopState.STARTING, DesktopState.RUNNING)
 
 
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
@@ -54,6 +63,18 @@ async def launch_page(request: Request) -> Response:
             )
             gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
             return message(403, "Cannot open the desktop", exc.refusal.value)
+        found = await desktops.find_by_name(db, grant.desktop_name)
+        if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
+            # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.
+            # Not committed: the link stays unused, though only useful if the desktop is started again.
+            state = found.state.value if found is not None else "gone"
+            log.info("launch refused: desktop=%s state=%s", grant.desktop_name, state)
+            gateway.audit.record("deny", None, grant.desktop_name, f"launch of a desktop that is {state}")
+            return message(
+                409,
+                "Desktop not running",
+                "The desktop is not running. Start it again from the school portal.",
+            )
         old: Identity | None = request.scope.get("identity")
         if old is not None:
             await identity.end_session(db, old.session_id)
@@ -130,6 +151,12 @@ async def desktop_status(request: Request) -> Response:
 async def logout(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
+    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
+        # Another site's page posting here would sign the student out (and close the desktop) at will.
+        origin = request.headers.get("origin")
+        log.warning("logout refused: user=%s origin=%.100r", who.username if who else "-", origin)
+        gateway.audit.record("deny", who.username if who else None, None, f"logout from origin {origin!r}")
+        return PlainTextResponse(FOREIGN_ORIGIN, status_code=403, headers=_PAGE_HEADERS)
     if who is not None:
         async with gateway.sessions() as db:
             await identity.end_session(db, who.session_id)
