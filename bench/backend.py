@@ -221,7 +221,7 @@ async def start(workdir: Path, processes: int) -> Backend:
     try:
         for i in range(processes):
             argv = [sys.executable, "-m", "bench.backend", "--cert", str(cert), "--key", str(key)]
-            argv += ["--password", password, "--port", str(port)]
+            argv += [f"--password={password}", "--port", str(port)]  # a password may start with "-"
             child = await procs.start(f"backend-{i}", argv, workdir / f"backend-{i}.log", pipe_stdout=True)
             children.append(child)
             assert child.process.stdout is not None

@@ -21,6 +21,7 @@ from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
+from desktop_gateway.origins import origin_allowed
 from desktop_gateway.relay import EndedBy, Outcome, close_browser, relay
 from desktop_gateway.relayhub import RelayHandle
 
@@ -48,18 +49,6 @@ def desktop_name(scope: Scope, headers: Headers) -> str | None:
         if len(parts) >= 3 and parts[1] == "desktop" and parts[2]:
             return parts[2]
     return None
-
-
-def origin_allowed(scope: Scope, headers: Headers, public_origin: str | None) -> bool:
-    """A browser always sends Origin; it must be the gateway's own public origin (no cross-site use)."""
-    origin = headers.get("origin")
-    if origin is None:
-        return False
-    if public_origin is not None:
-        return origin.lower() == public_origin
-    scheme = "https" if scope.get("scheme") == "wss" else "http"
-    host = headers.get("host")
-    return host is not None and origin.lower() == f"{scheme}://{host}".lower()
 
 
 class Websockify:
@@ -121,7 +110,8 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         await _refuse(websocket, close)
 
     if not origin_allowed(scope, headers, gateway.settings.public_origin):
-        await deny(closepolicy.FOREIGN_ORIGIN, f"foreign origin {headers.get('origin')!r}")
+        # Attacker-chosen and up to kilobytes long: the log line keeps its start only.
+        await deny(closepolicy.FOREIGN_ORIGIN, f"foreign origin {(headers.get('origin') or '')[:100]!r}")
         return
     if identity is None:
         await deny(closepolicy.NOT_SIGNED_IN, "no valid session cookie")

@@ -40,7 +40,7 @@ def create_private_sqlite_file(url: str) -> None:
 def create_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         create_private_sqlite_file(url)
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, pool_size=5, max_overflow=0)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
