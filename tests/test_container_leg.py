@@ -1,14 +1,23 @@
-"""The container leg's TLS."""
+"""The container leg's TLS, and what an ended relay leaves behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
 
 import kasm_front
 from conftest import StartGateway
-from gatewaytest import close_frame, static_type
+from desktop_gateway import closepolicy
+from gatewaytest import ASGI_SERVERS, close_frame, static_type
 
 TIMEOUT = 10
+
+pytestmark = pytest.mark.parametrize("asgi_server", list(ASGI_SERVERS))
 
 
 class VersionRecorder:
@@ -61,3 +70,47 @@ async def test_broken_tls_mid_relay_is_a_lost_connection(start_gateway: StartGat
             # The echo may or may not arrive: the event loop's TLS drops what it decrypted in the same
             # read as the forged record. What matters is that the relay ends as a drop, with a sentence.
             assert await close_frame(ws) == (1011, "The connection to the desktop was lost.")
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Automatic garbage collection off: what is still alive then is kept by a reference cycle."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def test_ended_relays_leave_no_cycles(start_gateway: StartGateway, no_gc: None) -> None:
+    """An ended relay is freed by reference counting alone: nothing it held waits for the cycle collector.
+
+    A relay in a reference cycle keeps its buffers (up to a whole message each way) until a full
+    collection, which under load comes seldom: memory then grows with every connection made.
+    """
+    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
+        gw = await start_gateway(static_type("lab", front.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        path = f"/desktop/{desktop['name']}/websockify"
+        freed = asyncio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            browsers = [await stack.enter_async_context(gw.browser(path, cookie)) for _ in range(3)]
+            for ws in browsers:
+                await ws.send(b"ping")
+                assert await ws.recv() == b"ping"
+            alive = {id(handle) for handle in gw.gateway.hub}
+            assert len(alive) == 3
+
+            def gone(key: int) -> None:
+                alive.discard(key)
+                if not alive:
+                    freed.set()
+
+            for handle in gw.gateway.hub:
+                weakref.finalize(handle, gone, id(handle))
+            del handle  # the test must not keep one alive itself
+            await browsers[0].close(4000, "done")  # the browser ends one, a stop ends the others
+            assert gw.gateway.hub.stop_desktop(desktop["id"], closepolicy.DESKTOP_STOPPED) == 3
+        async with asyncio.timeout(TIMEOUT):
+            await freed.wait()

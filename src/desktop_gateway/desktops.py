@@ -331,7 +331,20 @@ class RelayTarget:
 
 
 async def find_by_name(db: AsyncSession, name: str) -> RelayTarget | None:
-    desktop = (await db.execute(select(Desktop).where(Desktop.name == name))).scalar_one_or_none()
+    """What a connection to the desktop called ``name`` needs; columns only, as every connect asks."""
+    desktop = (
+        await db.execute(
+            select(
+                Desktop.id,
+                Desktop.name,
+                Desktop.user_id,
+                Desktop.state,
+                Desktop.endpoint,
+                Desktop.vnc_username,
+                Desktop.vnc_password,
+            ).where(Desktop.name == name)
+        )
+    ).one_or_none()
     if desktop is None:
         return None
     target = None

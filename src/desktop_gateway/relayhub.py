@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from desktop_gateway.closepolicy import Close
 
 
-@dataclasses.dataclass(eq=False, slots=True)
+@dataclasses.dataclass(eq=False, slots=True, weakref_slot=True)
 class RelayHandle:
     """One browser relayed to one desktop. The relay watches :attr:`stopped` to end itself."""
 
