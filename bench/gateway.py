@@ -67,6 +67,8 @@ async def prepare(workdir: Path, backend_port: int, password: str) -> Setup:
             "DESKTOP_GATEWAY_INSTANCE": "bench",
             "DESKTOP_GATEWAY_DOCKER_URL": f"unix://{workdir / 'no-docker.sock'}",
             "DESKTOP_GATEWAY_MAINTENANCE_INTERVAL": "86400",
+            # One user opens every connection of a measurement (up to 1,000 at once).
+            "DESKTOP_GATEWAY_MAX_RELAYS_PER_USER": "0",
         }
     )
     async with asyncio.timeout(120):

@@ -356,3 +356,27 @@ async def test_a_browser_that_stops_reading_stalls_the_desktop(start_gateway: St
                 while received < total:
                     received += len(await ws.recv())
     assert received == total
+
+
+async def test_connections_over_the_per_user_limit_get_1008(start_gateway: StartGateway) -> None:
+    """A user's relays beyond MAX_RELAYS_PER_USER are refused with 1008; closing one frees its place."""
+    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": PW}) as front:
+        gw = await start_gateway(static_type("lab", front.port), max_relays_per_user="2")
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        path = f"/desktop/{desktop['name']}/websockify"
+        async with gw.browser(path, cookie) as first, gw.browser(path, cookie) as second:
+            for ws in (first, second):
+                await ws.send(b"x")
+                assert await ws.recv() == b"x"
+            async with gw.browser(path, cookie) as third:
+                assert await close_frame(third) == (
+                    1008,
+                    "Too many open connections to your desktops. Close another tab and try again.",
+                )
+            await first.close()
+            async with asyncio.timeout(TIMEOUT):
+                while len(gw.gateway.hub) > 1:  # noqa: ASYNC110 (no event marks a relay's end)
+                    await asyncio.sleep(0.01)
+            async with gw.browser(path, cookie) as again:
+                await again.send(b"y")
+                assert await again.recv() == b"y"

@@ -63,6 +63,9 @@ NOT_YOURS = Close(Code.POLICY_VIOLATION, "This desktop does not belong to you.")
 NO_SUCH_DESKTOP = Close(Code.POLICY_VIOLATION, "There is no such desktop for you.")
 NO_DESKTOP_NAMED = Close(Code.POLICY_VIOLATION, "No desktop was named in the address.")
 FOREIGN_ORIGIN = Close(Code.POLICY_VIOLATION, "Connections from this site are not allowed.")
+TOO_MANY_CONNECTIONS = Close(
+    Code.POLICY_VIOLATION, "Too many open connections to your desktops. Close another tab and try again."
+)
 STILL_STARTING = Close(Code.TRY_AGAIN_LATER, "The desktop is still starting. Try again in a few seconds.")
 NOT_RUNNING = Close(Code.GOING_AWAY, "The desktop is not running. Start it again from the school portal.")
 SIGNED_OUT = Close(Code.NORMAL, "You signed out.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -34,17 +35,27 @@ class RelayHandle:
 class RelayHub:
     def __init__(self) -> None:
         self._by_desktop: dict[str, set[RelayHandle]] = {}
+        self._per_user: collections.Counter[str] = collections.Counter()
         self._empty = asyncio.Event()
         self._empty.set()
 
-    def add(self, handle: RelayHandle) -> None:
+    def add(self, handle: RelayHandle, limit_per_user: int = 0) -> bool:
+        """Register a relay (before it dials, so that it can be stopped from then on); ``False``, and
+        nothing registered, when its user has ``limit_per_user`` relays already (0: no limit)."""
+        if limit_per_user and self._per_user[handle.username] >= limit_per_user:
+            return False
         self._by_desktop.setdefault(handle.desktop_id, set()).add(handle)
+        self._per_user[handle.username] += 1
         self._empty.clear()
+        return True
 
     def discard(self, handle: RelayHandle) -> None:
         handles = self._by_desktop.get(handle.desktop_id)
-        if handles is not None:
+        if handles is not None and handle in handles:
             handles.discard(handle)
+            self._per_user[handle.username] -= 1
+            if not self._per_user[handle.username]:
+                del self._per_user[handle.username]
             if not handles:
                 del self._by_desktop[handle.desktop_id]
                 if not self._by_desktop:

@@ -79,6 +79,7 @@ class Settings:
     maintenance_interval: int = 30
     container_bind_ip: str = "127.0.0.1"
     audit_retention_days: int = 365
+    max_relays_per_user: int = 8
 
     @property
     def database_url_for_display(self) -> str:
@@ -276,6 +277,7 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         or env.get(PREFIX + "CONTAINER_HOST", "")
         or "127.0.0.1",
         audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 365, errors, minimum=0),
+        max_relays_per_user=_int(env, "MAX_RELAYS_PER_USER", 8, errors, minimum=0),
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))

@@ -134,11 +134,40 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
         return
 
+    handle = RelayHandle(
+        desktop_id=found.desktop_id,
+        desktop_name=found.name,
+        username=identity.username,
+        session_id=identity.session_id,
+    )
+    limit = gateway.settings.max_relays_per_user
+    if not gateway.hub.add(handle, limit):
+        # Each relay holds buffers and two sockets: one signed-in user must not be able to exhaust them.
+        await deny(closepolicy.TOO_MANY_CONNECTIONS, f"already {limit} connections open")
+        return
+    try:
+        await _dial_and_relay(gateway, websocket, found, found.target, identity, handle)
+    finally:
+        gateway.hub.discard(handle)
+
+
+async def _dial_and_relay(
+    gateway: Gateway,
+    websocket: WebSocket,
+    found: desktops.RelayTarget,
+    target: upstream.Target,
+    identity: Identity,
+    handle: RelayHandle,
+) -> None:
+    """Open the container leg, accept the browser with its subprotocol, relay, and log the end once."""
+    scope, headers = websocket.scope, websocket.headers
+    username, name = identity.username, found.name
+    client_ip = websocket.client.host if websocket.client else None
     started = time.monotonic()
     offered = scope.get("subprotocols") or []
     try:
         conn = await upstream.dial(
-            found.target,
+            target,
             subprotocols=offered,
             origin=headers.get("origin"),
             client_ip=client_ip,
@@ -160,13 +189,6 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         await _refuse(websocket, close)
         return
 
-    handle = RelayHandle(
-        desktop_id=found.desktop_id,
-        desktop_name=found.name,
-        username=identity.username,
-        session_id=identity.session_id,
-    )
-    gateway.hub.add(handle)
     try:
         # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a
         # browser fails a handshake that names a subprotocol it did not offer).
@@ -188,8 +210,6 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
     except BaseException:
         conn.transport.abort()
         raise
-    finally:
-        gateway.hub.discard(handle)
     _log_outcome(gateway, handle, outcome)
 
 
