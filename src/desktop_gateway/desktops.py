@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from desktop_gateway.db.models import Desktop, DesktopState, DesktopTypeRow, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
@@ -330,8 +330,9 @@ class RelayTarget:
     target: Target | None
 
 
-async def find_by_name(db: AsyncSession, name: str) -> RelayTarget | None:
-    """What a connection to the desktop called ``name`` needs; columns only, as every connect asks."""
+async def find_by_name(db: AsyncConnection | AsyncSession, name: str) -> RelayTarget | None:
+    """What a connection to the desktop called ``name`` needs: columns only (a plain connection will do),
+    since every connect asks."""
     desktop = (
         await db.execute(
             select(

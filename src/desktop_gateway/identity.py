@@ -15,7 +15,7 @@ import secrets
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from desktop_gateway.cookies import parse_cookie_header
 from desktop_gateway.db.models import BrowserSession, User, utcnow
@@ -68,8 +68,11 @@ def cookie_from_header(cookie_header: str | None, secure: bool) -> str | None:
     return parse_cookie_header(cookie_header).get(session_cookie_name(secure)) or None
 
 
-async def identify(db: AsyncSession, codec: SessionCodec, cookie_value: str | None) -> Identity | None:
-    """The signed-in user behind a cookie value, or ``None``."""
+async def identify(
+    db: AsyncConnection | AsyncSession, codec: SessionCodec, cookie_value: str | None
+) -> Identity | None:
+    """The signed-in user behind a cookie value, or ``None``. A plain connection will do (one query of
+    columns): every request and connection takes this path, and needs no ORM session for it."""
     if not cookie_value:
         return None
     session_id = codec.decode(cookie_value)

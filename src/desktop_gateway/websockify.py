@@ -215,7 +215,7 @@ async def _dial_and_relay(
 
 async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
     # Not inline: the relay's frame lives for hours and would keep the finished session alive.
-    async with gateway.sessions() as db:
+    async with gateway.engine.connect() as db:
         return await desktops.find_by_name(db, name)
 
 

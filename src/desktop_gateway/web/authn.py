@@ -30,5 +30,5 @@ class BrowserIdentity:
 async def _identify(gateway: Gateway, cookie: str) -> Identity | None:
     # A function of its own so that the database session is not kept alive by the caller's frame, which
     # lives as long as the request (hours for a relay).
-    async with gateway.sessions() as db:
+    async with gateway.engine.connect() as db:
         return await identify(db, gateway.codec, cookie)
