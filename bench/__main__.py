@@ -11,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import apache, nginx, run
+from bench import procs, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     if args.profile_seconds is not None:
         plan = dataclasses.replace(plan, profile_seconds=args.profile_seconds)
-    nginx_binary = nginx.find_nginx()
+    nginx_binary = procs.find_sbin("nginx")
     if nginx_binary is None:
         print(
             "python -m bench: nginx is not installed (apt-get install nginx); it is the reference the "
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    apache_binary = apache.find_apache()
+    apache_binary = procs.find_sbin("apache2")
     if apache_binary is None:
         print(
             "python -m bench: Apache is not installed (apt-get install apache2); it is measured beside "

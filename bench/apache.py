@@ -18,10 +18,8 @@ is stopped with the benchmark.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -46,15 +44,6 @@ MODULES = (
 THREADS = 1100
 BACKLOG = 4096  # as nginx's: 1,000 sessions connect at once, Apache's default of 511 would drop SYNs
 TUNNEL_TIMEOUT = 3600  # seconds, as nginx's proxy_read_timeout 1h: an idle session stays open
-
-
-def find_apache() -> str | None:
-    """The apache2 binary (Debian installs it in /usr/sbin, which may not be on a user's PATH)."""
-    found = shutil.which("apache2")
-    if found:
-        return found
-    candidate = Path("/usr/sbin/apache2")
-    return str(candidate) if candidate.is_file() else None
 
 
 def version(binary: str) -> str:
@@ -151,15 +140,5 @@ async def start(binary: str, prefix: Path, backend_port: int, authorization: str
     # No environment from the caller: Debian's apache2 reads APACHE_* variables only through apache2ctl.
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C"}
     argv = [binary, "-f", str(conf), "-DFOREGROUND"]
-    child = await procs.start(name, argv, prefix / "stderr.log", env=env, cwd=prefix)
-    try:
-        await procs.wait_for_port(port, child)
-        # The parent listens before its child exists; wait for the child.
-        for _ in range(100):
-            if procs.children(child.pid):
-                break
-            await asyncio.sleep(0.02)
-    except BaseException:
-        await child.stop()
-        raise
+    child = await procs.start_server(name, argv, prefix / "stderr.log", port, env=env)
     return Apache(child, port)

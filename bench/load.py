@@ -239,11 +239,13 @@ class Crowd:
         self.sessions: list[Session] = []  # connected
         self.live: list[Session] = []  # connected and echoed
         self.errors: collections.Counter[str] = collections.Counter()
-        self.connect_seconds = 0.0
+        self.connect_seconds = 0.0  # from the first connect until the last one is open
+        self.relaying_seconds = 0.0  # ... until every open one has echoed (see echo)
+        self._started = 0.0
 
     async def open(self, count: int, batch: int | None = None) -> None:
         """Open ``count`` sessions, all at once or ``batch`` at a time (each bounded by CONNECT_TIMEOUT)."""
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
         results: list[Session | BaseException] = []
         step = batch or count
         for opened in range(0, count, step):
@@ -264,6 +266,7 @@ class Crowd:
                 await session.expect(PING_SIZE, b"e" * PING_SIZE)
 
         results = await asyncio.gather(*(one(s) for s in self.sessions), return_exceptions=True)
+        self.relaying_seconds = time.perf_counter() - self._started
         for session, result in zip(self.sessions, results, strict=True):
             if isinstance(result, BaseException):
                 self.errors[f"echo: {_describe(result)}"] += 1

@@ -16,23 +16,12 @@ temporary directory, it stays in the foreground (``daemon off``) and is stopped 
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import subprocess
 from pathlib import Path
 
 from bench import procs
 
 WORKER_CONNECTIONS = 4096  # each relayed session holds two: 1,000 sessions need 2,000 and some spare
-
-
-def find_nginx() -> str | None:
-    """The nginx binary (Debian installs it in /usr/sbin, which may not be on a user's PATH)."""
-    found = shutil.which("nginx")
-    if found:
-        return found
-    candidate = Path("/usr/sbin/nginx")
-    return str(candidate) if candidate.is_file() else None
 
 
 def version(binary: str) -> str:
@@ -123,15 +112,5 @@ async def start(
     conf = prefix / "nginx.conf"
     conf.write_text(config(prefix, port, backend_port, authorization, buffer_size))
     argv = [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    child = await procs.start(name, argv, prefix / "stderr.log")
-    try:
-        await procs.wait_for_port(port, child)
-        # The master listens before its worker exists; wait for the worker.
-        for _ in range(100):
-            if procs.children(child.pid):
-                break
-            await asyncio.sleep(0.02)
-    except BaseException:
-        await child.stop()
-        raise
+    child = await procs.start_server(name, argv, prefix / "stderr.log", port)
     return Nginx(child, port)

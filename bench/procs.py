@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 from collections.abc import Mapping, Sequence
@@ -231,3 +232,31 @@ def open_sockets(pid: int) -> int:
             if os.readlink(fd).startswith("socket:"):
                 count += 1
     return count
+
+
+def find_sbin(name: str) -> str | None:
+    """A server binary such as nginx or apache2: Debian installs them in /usr/sbin, which may not be on
+    a user's PATH."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = Path("/usr/sbin") / name
+    return str(candidate) if candidate.is_file() else None
+
+
+async def start_server(
+    name: str, argv: Sequence[str], log: Path, port: int, *, env: Mapping[str, str] | None = None
+) -> Child:
+    """Start a proxy that forks its worker (nginx, Apache) and wait until the worker exists: the parent
+    listens before its worker does, and connections made before would only wait."""
+    child = await start(name, argv, log, env=env, cwd=log.parent)
+    try:
+        await wait_for_port(port, child)
+        for _ in range(100):
+            if children(child.pid):
+                break
+            await asyncio.sleep(0.02)
+    except BaseException:
+        await child.stop()
+        raise
+    return child

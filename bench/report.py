@@ -18,9 +18,10 @@ PROXIES = (NGINX, APACHE, GATEWAY)
 
 # The targets, on a 2-core machine, one gateway worker against one nginx worker (Apache is shown
 # beside nginx, as what a school would otherwise run, but sets no target).
-RTT_P50_MAX_RATIO = 1.3
+RTT_P50_MAX_RATIO = 1.7
 THROUGHPUT_MIN_RATIO = 1.0
-MEMORY_MAX_KIB = 48.0
+MEMORY_MAX_KIB = 60.0
+RELAYING_MAX_SECONDS = 2.0  # from the first connect until every one of the crowd has echoed
 # "With --workers 2 the aggregate scales": clearly more than noise above one worker. On 2 cores the
 # client and the backend need CPU too, so twice is out of reach; 1.2x says that the second worker helps.
 WORKERS_2_MIN_RATIO = 1.2
@@ -41,6 +42,7 @@ MEMORY_BURST = Figure("memory_burst", 1)
 HELD = Figure("held", 0)
 ERRORS = Figure("errors", 0)
 CONNECT_TIME = Figure("connect_s", 2)
+RELAYING_TIME = Figure("relaying_s", 2)
 CPU_ROLES = ("proxy", "backend", "client", "idle")  # idle: the whole machine's, all cores together
 
 
@@ -205,6 +207,12 @@ def rows(results: Results, layout: Layout) -> list[Row]:
             _ratio(results.ratio(HELD, GATEWAY, DIRECT)),
             f"gateway {crowd} held",
             sessions_met,
+        ),
+        row(
+            f"{crowd} at once: all relaying after (s)",
+            RELAYING_TIME,
+            f"gateway <= {RELAYING_MAX_SECONDS:g} s",
+            _at_most(results.median(RELAYING_TIME, GATEWAY), RELAYING_MAX_SECONDS),
         ),
         Row(
             "errors in those sessions (worst round)",

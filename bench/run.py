@@ -421,6 +421,7 @@ class Bench:
             self.results.add(report.HELD, path, number, held)
             self.results.add(report.ERRORS, path, number, errors)
             self.results.add(report.CONNECT_TIME, path, number, crowd.connect_seconds)
+            self.results.add(report.RELAYING_TIME, path, number, crowd.relaying_seconds)
             if errors:
                 detail = "; ".join(f"{n}x {e}" for e, n in crowd.errors.most_common(3))
                 self.results.note(f"round {number}: {path}: {errors} errors in {self.plan.crowd} ({detail})")
