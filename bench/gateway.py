@@ -47,7 +47,7 @@ def gateway_command(*args: str, interpreter_args: Sequence[str] = ()) -> list[st
     return [sys.executable, *interpreter_args, "-m", "desktop_gateway", *args]
 
 
-async def prepare(workdir: Path, backend_port: int, password: str) -> Setup:
+async def prepare(workdir: Path, backend_port: int, password: str, relays_per_user: int = 0) -> Setup:
     """Write the desktop types, create the database and an API key, once per run."""
     workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (set-up, before any traffic)
     types_file = workdir / "desktop-types.toml"
@@ -67,8 +67,8 @@ async def prepare(workdir: Path, backend_port: int, password: str) -> Setup:
             "DESKTOP_GATEWAY_INSTANCE": "bench",
             "DESKTOP_GATEWAY_DOCKER_URL": f"unix://{workdir / 'no-docker.sock'}",
             "DESKTOP_GATEWAY_MAINTENANCE_INTERVAL": "86400",
-            # One user opens every connection of a measurement (up to 1,000 at once).
-            "DESKTOP_GATEWAY_MAX_RELAYS_PER_USER": "0",
+            # One user opens every connection of a measurement (up to 1,000 at once): no limit (0).
+            "DESKTOP_GATEWAY_MAX_RELAYS_PER_USER": str(relays_per_user),
         }
     )
     async with asyncio.timeout(120):

@@ -92,6 +92,13 @@ class Session(WSListener):
         assert self.transport is not None
         self.transport.send(WSMsgType.BINARY, data)
 
+    def send_partial(self, announced: int, sent: int) -> None:
+        """Start a binary frame that announces ``announced`` bytes and send only ``sent`` of them (masked
+        with a zero key, which leaves the payload as it is): a peer must hold what came, or refuse it."""
+        assert self.transport is not None
+        header = bytes((0x82, 0x80 | 127)) + announced.to_bytes(8, "big") + bytes(4)
+        self.transport.underlying_transport.write(header + bytes(sent))
+
     def _arm(self, done: asyncio.Future[object]) -> None:
         if self.closed.done():
             raise Closed("the connection has ended")
