@@ -155,6 +155,9 @@ async def relay(
         await _cancel(up, down)
         await _close_container(upstream, closepolicy.GATEWAY_GOING_AWAY)
         raise
+    except BaseException:
+        await _cancel(up, down)  # a pump failed unexpectedly: the caller aborts and logs it
+        raise
     await _cancel(up, down)
     if outcome.to_container is not None:
         await _close_container(upstream, outcome.to_container)

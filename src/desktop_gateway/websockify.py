@@ -207,6 +207,14 @@ async def _dial_and_relay(
             return gateway.launcher.still_running(desktop_id)
 
         outcome = await relay(websocket, conn, handle, still_running)
+    except Exception as exc:
+        # A bug, not a way for a connection to end: logged with its traceback, and the browser still
+        # gets a sentence rather than the server's bare close.
+        conn.transport.abort()
+        log.error("relay failed: user=%s desktop=%s", username, name, exc_info=exc)
+        gateway.audit.record("close", username, name, "gateway error")
+        await close_browser(websocket, closepolicy.GATEWAY_ERROR)
+        return
     except BaseException:
         conn.transport.abort()
         raise
