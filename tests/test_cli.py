@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,14 +22,18 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+import websockets.asyncio.client
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
+from websockets.typing import Origin, Subprotocol
 
+import kasm_front
 from desktop_gateway import apikeys
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
+from desktop_gateway.identity import session_cookie_name
 from desktop_gateway.settings import DEFAULT_SECRET_FILE, DEFAULT_SQLITE_FILE
-from gatewaytest import missing_real_component
+from gatewaytest import close_frame, missing_real_component, static_type
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 UPGRADE = "desktop-gateway db upgrade"
@@ -229,15 +234,17 @@ def test_configured_database_without_schema_is_refused(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def serving(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+def serving(
+    tmp_path: Path, *args: str, port: int | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     """Run ``serve`` (output to a log), wait for its port; on exit TERM it and require exit code 0."""
-    port = free_port()
+    port = free_port() if port is None else port
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command("serve", "--port", str(port), *args),
             cwd=tmp_path,
-            env=clean_env(),
+            env=dict(env) if env is not None else clean_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -290,6 +297,53 @@ def test_serve_two_workers_share_the_load(tmp_path: Path) -> None:
     log_text = log_path.read_text()
     assert log_text.count('"GET /healthz HTTP/1.1" 200') >= 200, "every worker logs its requests"
     assert "Traceback" not in log_text
+
+
+async def test_sigterm_closes_relays_with_a_sentence_and_json_logs_follow_each_connection(
+    tmp_path: Path,
+) -> None:
+    """Under ``serve``, SIGTERM closes a relay with 1001 and a sentence and exits 0; with LOG_FORMAT=json
+    every line is JSON, a connection's lines share its id, user and desktop, and no secret is written."""
+    vnc_password, secret_key = "vnc-password-not-for-logs", "k" * 40 + "-secret-key-not-for-logs"
+    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": vnc_password}) as front:
+        (tmp_path / "desktop-types.toml").write_text(static_type("lab", front.port, password=vnc_password))
+        port = free_port()
+        env = clean_env(LOG_FORMAT="json", SECRET_KEY=secret_key, PUBLIC_URL=f"http://127.0.0.1:{port}")
+        created = run(tmp_path, "api-key", "create", "portal", env=env)
+        assert created.returncode == 0, created.stderr
+        api_key = created.stdout.strip()
+        with serving(tmp_path, port=port, env=env) as (process, _, log_path):
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(
+                base_url=base, headers={"Authorization": f"Bearer {api_key}"}
+            ) as portal:
+                desktop = (
+                    await portal.post("/api/v1/desktops", json={"user": "anna", "desktop_type": "lab"})
+                ).json()
+            async with httpx.AsyncClient() as browser:
+                launched = await browser.get(desktop["launch_url"])
+            cookie = launched.cookies[session_cookie_name(False)]
+            async with websockets.asyncio.client.connect(
+                f"ws://127.0.0.1:{port}/desktop/{desktop['name']}/websockify",
+                origin=Origin(base),
+                additional_headers=[("Cookie", f"{session_cookie_name(False)}={cookie}")],
+                subprotocols=[Subprotocol("binary")],
+            ) as ws:
+                await ws.send(b"hello")
+                assert await ws.recv() == b"hello"
+                process.send_signal(signal.SIGTERM)
+                assert await close_frame(ws) == (1001, "The gateway is restarting. Reconnect in a moment.")
+    log_text = log_path.read_text()
+    entries = [json.loads(line) for line in log_text.splitlines() if line.strip()]
+    assert entries, "serve logged nothing"
+    connection = [e for e in entries if e.get("desktop") == desktop["name"]]
+    assert len({e["conn"] for e in connection}) == 1, connection
+    assert {e["user"] for e in connection} == {"anna"}
+    messages = " ".join(e["message"] for e in connection)
+    assert "connected:" in messages, messages
+    assert "closed:" in messages, messages
+    for secret in (vnc_password, secret_key, api_key, desktop["launch_url"].rsplit("/", 1)[-1]):
+        assert secret not in log_text
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, DesktopTypesError) as exc:
         print(f"desktop-gateway: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if args.command == "serve":
         from desktop_gateway.serve import serve
 

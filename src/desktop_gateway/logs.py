@@ -1,7 +1,15 @@
-"""Logging set-up: one line per event, and launch tokens never written out."""
+"""Logging set-up: one line per event (plain text or JSON), and launch tokens never written out.
+
+Every line logged while one browser connection is served carries that connection's id, user and desktop
+(:func:`bind_connection` puts them in a context variable, which the relay's tasks inherit), so that one
+student's broken connection can be found in a busy log, from its handshake through its close.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import datetime as dt
+import json
 import logging
 import re
 
@@ -21,10 +29,66 @@ class RedactLaunchTokens(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+LOG_FORMATS = ("text", "json")
+CONNECTION_FIELDS = ("conn", "user", "desktop")
+
+_connection: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
+    "desktop_gateway_connection", default=None
+)
+
+
+def bind_connection(conn: str, user: str | None, desktop: str | None) -> None:
+    """Mark every line logged from now on in this task (and the tasks it starts) as this connection's."""
+    _connection.set((conn, user or "-", desktop or "-"))
+
+
+class ConnectionFields(logging.Filter):
+    """Copies the current connection's id, user and desktop onto the record (as ``conn``, ...)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        bound = _connection.get()
+        if bound is not None:
+            for name, value in zip(CONNECTION_FIELDS, bound, strict=True):
+                setattr(record, name, value)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, and ``[conn=...]`` on a connection's lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        conn = getattr(record, "conn", None)
+        return line if conn is None else f"{line} [conn={conn}]"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the connection's fields, a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, str] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in CONNECTION_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                entry[name] = str(value)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RedactLaunchTokens())
+    handler.addFilter(ConnectionFields())
     # On the logger too, so the redaction holds whatever handlers a deployment attaches.
     logging.getLogger("uvicorn.access").addFilter(RedactLaunchTokens())
     root = logging.getLogger()

@@ -154,7 +154,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     if workers <= 1:
         _run(uvicorn.Server(config), None)
         return 0
-    return _supervise(config, workers, settings.log_level)
+    return _supervise(config, workers, settings.log_level, settings.log_format)
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -168,14 +168,14 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config: uvicorn.Config, log_level: str) -> None:
-    setup_logging(log_level)  # a spawned process starts with no logging set up
+def _worker(config: uvicorn.Config, log_level: str, log_format: str) -> None:
+    setup_logging(log_level, log_format)  # a spawned process starts with no logging set up
     sock = reuseport_socket(config.host, config.port)
     sock.listen(config.backlog)
     _run(uvicorn.Server(config), [sock])
 
 
-def _supervise(config: uvicorn.Config, workers: int, log_level: str) -> int:
+def _supervise(config: uvicorn.Config, workers: int, log_level: str, log_format: str) -> int:
     """Run ``workers`` processes on one port; restart any that dies; stop all on a signal."""
     try:
         # Held (bound, not listening) for the supervisor's lifetime: a taken port is reported here, once.
@@ -190,7 +190,7 @@ def _supervise(config: uvicorn.Config, workers: int, log_level: str) -> int:
     stopping = False
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(config, log_level), daemon=False)
+        process = context.Process(target=_worker, args=(config, log_level, log_format), daemon=False)
         process.start()
         return process
 

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from desktop_gateway.logs import LOG_FORMATS
+
 PREFIX = "DESKTOP_GATEWAY_"
 DEFAULT_SQLITE_FILE = "desktop-gateway.db"
 DEFAULT_SECRET_FILE = "desktop-gateway.secret"  # noqa: S105 (a file name)
@@ -80,6 +82,7 @@ class Settings:
     container_bind_ip: str = "127.0.0.1"
     audit_retention_days: int = 365
     max_relays_per_user: int = 8
+    log_format: str = "text"
 
     @property
     def database_url_for_display(self) -> str:
@@ -240,6 +243,10 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         errors.append(f"{PREFIX}LOG_LEVEL: one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
 
+    log_format = (env.get(PREFIX + "LOG_FORMAT", "") or "text").lower()
+    if log_format not in LOG_FORMATS:
+        errors.append(f"{PREFIX}LOG_FORMAT: one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+
     timeout_raw = env.get(PREFIX + "UPSTREAM_CONNECT_TIMEOUT", "") or "10"
     try:
         timeout = float(timeout_raw)
@@ -278,6 +285,7 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         or "127.0.0.1",
         audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 365, errors, minimum=0),
         max_relays_per_user=_int(env, "MAX_RELAYS_PER_USER", 8, errors, minimum=0),
+        log_format=log_format,
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))

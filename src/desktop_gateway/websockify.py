@@ -8,6 +8,7 @@ because a refused handshake reaches noVNC as a bare 1006 that says nothing.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Awaitable
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from desktop_gateway import closepolicy, desktops, upstream
+from desktop_gateway import closepolicy, desktops, logs, upstream
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
@@ -96,6 +97,8 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
     username = identity.username if identity is not None else None
     name = desktop_name(scope, headers)
     client_ip = websocket.client.host if websocket.client else None
+    # Every line about this connection, from here to its close, carries its id, user and desktop.
+    logs.bind_connection(secrets.token_hex(4), username, name[:100] if name else None)
 
     async def deny(close: Close, cause: str) -> None:
         log.warning(
