@@ -1,4 +1,4 @@
-"""The relay benchmark of issue 4: desktop-gateway against nginx, Apache and a direct connection, on
+"""The relay benchmark: desktop-gateway against nginx, Apache and a direct connection, on
 loopback.
 
 Run it from the repository root (with ``pip install -e '.[bench]'`` and Debian's ``nginx`` and
@@ -12,7 +12,7 @@ It starts a fast KasmVNC-like backend (:mod:`bench.backend`), a private nginx co
 WebSocket tunnel (:mod:`bench.nginx`), a private Apache tunnelling with ``mod_proxy_wstunnel``
 (:mod:`bench.apache`) and ``desktop-gateway serve`` with a static-endpoint desktop type
 (:mod:`bench.gateway`), then measures each path with picows clients (:mod:`bench.load`) in alternating
-rounds (:mod:`bench.run`) and prints the figures, their ratios and the issue's targets as plain lines
+rounds (:mod:`bench.run`) and prints the figures, their ratios and the relay's targets as plain lines
 (:mod:`bench.report`). Everything listens on 127.0.0.1, every count and wait is bounded, and every
 process it starts is stopped when it ends, fails or is interrupted.
 """

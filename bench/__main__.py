@@ -1,4 +1,4 @@
-"""``python -m bench``: the relay benchmark (issue 4). See bench/__init__.py for what it measures."""
+"""``python -m bench``: the relay benchmark. See bench/__init__.py for what it measures."""
 
 from __future__ import annotations
 

@@ -108,16 +108,8 @@ ProxyPass / wss://127.0.0.1:{backend_port}/ timeout={TUNNEL_TIMEOUT} retry=0
 """
 
 
-class Apache:
-    """A running private Apache: its parent process and the port it listens on."""
-
-    def __init__(self, child: procs.Child, port: int) -> None:
-        self.child = child
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/websockify"
+class Apache(procs.Tunnel):
+    """A running private Apache."""
 
     def pids(self) -> list[int]:
         """The parent and its children: the tunnels live in the child, but mpm_event may start or replace
@@ -126,9 +118,6 @@ class Apache:
 
     def rss_kib(self) -> int:
         return sum(procs.rss_kib(pid) for pid in self.pids())
-
-    async def stop(self) -> None:
-        await self.child.stop()
 
 
 async def start(binary: str, prefix: Path, backend_port: int, authorization: str, name: str) -> Apache:

@@ -76,16 +76,8 @@ http {{
 """
 
 
-class Nginx:
-    """A running private nginx: its master process and the port it listens on."""
-
-    def __init__(self, child: procs.Child, port: int) -> None:
-        self.child = child
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/websockify"
+class Nginx(procs.Tunnel):
+    """A running private nginx."""
 
     def worker_pid(self) -> int:
         """The single worker process, whose memory is what the tunnel costs per session."""
@@ -93,9 +85,6 @@ class Nginx:
         if len(workers) != 1:
             raise RuntimeError(f"expected one nginx worker under {self.child.pid}, found {workers}")
         return workers[0]
-
-    async def stop(self) -> None:
-        await self.child.stop()
 
 
 async def start(

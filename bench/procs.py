@@ -260,3 +260,19 @@ async def start_server(
         await child.stop()
         raise
     return child
+
+
+class Tunnel:
+    """A running private proxy (nginx, Apache) that tunnels WebSockets to the backend: its parent process
+    and the port it listens on."""
+
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/websockify"
+
+    async def stop(self) -> None:
+        await self.child.stop()

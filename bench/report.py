@@ -16,7 +16,7 @@ DIRECT, NGINX, APACHE, GATEWAY, GATEWAY_W2 = "direct", "nginx", "apache", "gatew
 PATHS = (DIRECT, NGINX, APACHE, GATEWAY)
 PROXIES = (NGINX, APACHE, GATEWAY)
 
-# The issue's targets, on a 2-core machine, one gateway worker against one nginx worker (Apache is shown
+# The relay's targets, on a 2-core machine, one gateway worker against one nginx worker (Apache is shown
 # beside nginx, as what a school would otherwise run, but sets no target).
 RTT_P50_MAX_RATIO = 1.7
 THROUGHPUT_MIN_RATIO = 1.0
@@ -140,7 +140,7 @@ def _gateway_only(cell: str) -> tuple[str, ...]:
 
 
 def rows(results: Results, layout: Layout) -> list[Row]:
-    """One row per figure, in the order the issue lists them."""
+    """One row per figure, in the order of the targets."""
 
     def row(label: str, figure: Figure, target: str, met: bool | None, paths: tuple[str, ...] = PATHS) -> Row:
         return Row(

@@ -1,4 +1,4 @@
-"""Keeps the relay benchmark (bench/, issue 4) working: its quick mode runs end to end.
+"""Keeps the relay benchmark (bench/) working: its quick mode runs end to end.
 
 A benchmark is not a test: this only checks that ``python -m bench --quick`` starts the backend, nginx,
 Apache and the gateway, measures every figure on every path and stops, exiting 0. It never judges the
