@@ -66,22 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(plan, rounds=args.rounds)
     if args.profile_seconds is not None:
         plan = dataclasses.replace(plan, profile_seconds=args.profile_seconds)
-    nginx_binary = procs.find_sbin("nginx")
-    if nginx_binary is None:
-        print(
-            "python -m bench: nginx is not installed (apt-get install nginx); it is the reference the "
-            "gateway is measured against",
-            file=sys.stderr,
-        )
-        return 2
-    apache_binary = procs.find_sbin("apache2")
-    if apache_binary is None:
-        print(
-            "python -m bench: Apache is not installed (apt-get install apache2); it is measured beside "
-            "nginx, as what a school would otherwise run",
-            file=sys.stderr,
-        )
-        return 2
+    binaries: dict[str, str] = {}
+    for binary, why in (
+        ("nginx", "it is the reference the gateway is measured against"),
+        ("apache2", "it is measured beside nginx, as what a school would otherwise run"),
+    ):
+        found = procs.find_sbin(binary)
+        if found is None:
+            print(
+                f"python -m bench: {binary} is not installed (apt-get install {binary}); {why}",
+                file=sys.stderr,
+            )
+            return 2
+        binaries[binary] = found
+    nginx_binary, apache_binary = binaries["nginx"], binaries["apache2"]
     options = run.Options(
         plan=plan,
         command=shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
