@@ -79,6 +79,8 @@ class Settings:
     maintenance_interval: int = 30
     container_bind_ip: str = "127.0.0.1"
     audit_retention_days: int = 365
+    max_connections: int = 4000
+    request_read_timeout: int = 20
 
     @property
     def database_url_for_display(self) -> str:
@@ -276,6 +278,8 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         or env.get(PREFIX + "CONTAINER_HOST", "")
         or "127.0.0.1",
         audit_retention_days=_int(env, "AUDIT_RETENTION_DAYS", 365, errors, minimum=0),
+        max_connections=_int(env, "MAX_CONNECTIONS", 4000, errors, minimum=10),
+        request_read_timeout=_int(env, "REQUEST_READ_TIMEOUT", 20, errors, minimum=1),
     )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))
