@@ -63,6 +63,7 @@ def test_empty_env_defaults(tmp_path: Path) -> None:
     assert settings.audit_retention_days == 365
     assert settings.max_connections == 4000
     assert settings.request_read_timeout == 20
+    assert settings.asset_timeout == 60
 
 
 def test_empty_values_mean_defaults(tmp_path: Path) -> None:
@@ -82,6 +83,7 @@ def test_empty_values_mean_defaults(tmp_path: Path) -> None:
         "FORWARDED_ALLOW_IPS",
         "MAX_CONNECTIONS",
         "REQUEST_READ_TIMEOUT",
+        "ASSET_TIMEOUT",
     ]
     blank = load_settings({f"DESKTOP_GATEWAY_{n}": "" for n in names}, tmp_path)
     default = load_settings({}, tmp_path)  # the second load reads the key the first one generated
