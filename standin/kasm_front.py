@@ -651,6 +651,30 @@ class Answers403(_Endpoint):
         writer.write(FORBIDDEN)
 
 
+class TricklesBody(_Endpoint):
+    """Answers every request with 200 and a large Content-Length, then sends the body a byte every
+    ``interval`` seconds until the client leaves (``client_left`` is set then): a desktop whose web
+    server is stuck or crawling."""
+
+    def __init__(self, interval: float = 0.05, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(ssl_context)
+        self.interval = interval
+        self.client_left = asyncio.Event()
+
+    async def _respond(self, request: Request, reader: StreamReader, writer: StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/javascript\r\nContent-Length: 1000000\r\n\r\n"
+        )
+        try:
+            while not reader.at_eof():
+                writer.write(b";")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), self.interval)
+        finally:
+            self.client_left.set()
+
+
 OversizeMode = Literal["one_line", "many_lines"]
 
 

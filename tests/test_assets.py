@@ -120,3 +120,24 @@ async def test_unreachable_desktop_gives_502(start_gateway: StartGateway) -> Non
         response = await get(gw, f"/desktop/{desktop['name']}/vnc.html", cookie)
     assert response.status_code == 502
     assert "cannot be reached" in response.text
+
+
+async def test_trickling_desktop_is_cut_off_at_the_asset_deadline(start_gateway: StartGateway) -> None:
+    """A desktop that trickles a file is cut off once ASSET_TIMEOUT has passed since the request."""
+    async with kasm_front.TricklesBody() as desktop:
+        gw = await start_gateway(static_type("lab", desktop.port), asset_timeout="1")
+        info, cookie = await gw.open_desktop("anna", "lab")
+        async with httpx.AsyncClient(base_url=gw.base_url, cookies={COOKIE_NAME: cookie}) as browser:
+            try:
+                async with (
+                    asyncio.timeout(6),
+                    browser.stream("GET", f"/desktop/{info['name']}/app/ui.js") as r,
+                ):
+                    assert r.status_code == 200
+                    with pytest.raises(httpx.RemoteProtocolError):  # cut short, never a complete file
+                        async for _ in r.aiter_raw():
+                            pass
+            except TimeoutError:
+                pytest.fail("the trickled file was still being passed on 6 s after a 1 s asset deadline")
+        async with asyncio.timeout(5):
+            await desktop.client_left.wait()  # the gateway left the desktop too

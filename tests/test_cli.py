@@ -419,3 +419,26 @@ def test_db_upgrade_creates_a_configured_sqlite_file_private(tmp_path: Path) -> 
     result = run(tmp_path, "db", "upgrade", env=clean_env(DATABASE_URL=f"sqlite:///{database}"))
     assert result.returncode == 0, result.stderr
     assert private_files(database) == {"configured.db": 0o600}
+
+
+def test_unreachable_database_is_reported_in_plain_words(tmp_path: Path) -> None:
+    """With the database unreachable, ``serve`` exits non-zero with a sentence: no traceback, no password."""
+    url = f"postgresql+asyncpg://gateway:s3cret-pw@127.0.0.1:{free_port()}/gateway"
+    for args in (("serve", "--port", str(free_port())), ("api-key", "create", "portal")):
+        result = run(tmp_path, *args, env=clean_env(DATABASE_URL=url))
+        assert result.returncode != 0
+        assert "cannot reach the database" in result.stderr, result.stderr
+        assert "s3cret-pw" not in result.stderr + result.stdout
+        no_traceback(result)
+
+
+def test_damaged_sqlite_file_is_reported_in_plain_words(tmp_path: Path) -> None:
+    """A configured SQLite file that is not a database stops ``serve`` with a sentence, not a traceback."""
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"this is not a database " * 4096)
+    result = run(
+        tmp_path, "serve", "--port", str(free_port()), env=clean_env(DATABASE_URL=f"sqlite:///{damaged}")
+    )
+    assert result.returncode != 0
+    assert "cannot use the database" in result.stderr, result.stderr
+    no_traceback(result)

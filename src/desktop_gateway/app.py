@@ -18,6 +18,7 @@ from desktop_gateway.settings import Settings, load_settings
 from desktop_gateway.web import api, assets, pages
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
+from desktop_gateway.web.unavailable import DatabaseFailures
 from desktop_gateway.websockify import Websockify
 
 
@@ -43,7 +44,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(BrowserIdentity)],
+        middleware=[Middleware(DatabaseFailures), Middleware(BrowserIdentity)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )

@@ -52,6 +52,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"desktop-gateway: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    try:
+        return _run(args, settings)
+    except Exception as exc:
+        from desktop_gateway.db.engine import DatabaseUnavailable, is_database_failure
+
+        if not is_database_failure(exc):
+            raise
+        where = settings.database_url_for_display
+        if isinstance(exc, DatabaseUnavailable):
+            print(
+                f"desktop-gateway: cannot reach the database {where}: {exc}. Check that it runs and that "
+                "DESKTOP_GATEWAY_DATABASE_URL names it.",
+                file=sys.stderr,
+            )
+        else:
+            cause = getattr(exc, "orig", None) or exc
+            print(
+                f"desktop-gateway: cannot use the database {where}: {str(cause).splitlines()[0]}",
+                file=sys.stderr,
+            )
+        return 3
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         from desktop_gateway.serve import serve
 

@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from desktop_gateway import closepolicy
+from desktop_gateway.apikeys import KeyUsage
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
@@ -54,6 +55,7 @@ class Gateway:
     runtime: ContainerRuntime
     events: DesktopEvents
     launcher: Launcher
+    key_usage: KeyUsage
     maintenance: asyncio.Task[None] | None = None
 
     @property
@@ -120,6 +122,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             runtime=runtime,
             events=events,
             launcher=Launcher(settings, sessions, types, runtime, events, hub, audit),
+            key_usage=KeyUsage(sessions),
         )
         gateway.audit.start()
         _LIVE.add(gateway)
@@ -138,6 +141,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await gateway.launcher.close()
             await gateway.going_away()
             await gateway.audit.close()
+            await gateway.key_usage.close()
             await gateway.assets.aclose()
             await gateway.runtime.close()
     finally:

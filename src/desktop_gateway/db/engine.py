@@ -6,18 +6,53 @@ import os
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+# Seconds to open a connection to PostgreSQL (asyncpg waits 60 by default): a request or a readiness
+# check that cannot get a connection should say so while the caller still waits.
+CONNECT_TIMEOUT = 5
+
+
+class DatabaseUnavailable(Exception):
+    """The database server cannot be reached: refused, unreachable or not answering in time.
+
+    asyncpg raises plain ``OSError``/``TimeoutError`` for these, which SQLAlchemy passes on unwrapped;
+    this names them, so that callers tell a database outage from any other failure.
+    """
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot serve right now (down, locked, damaged, exhausted)."""
+    return isinstance(exc, (SQLAlchemyError, DatabaseUnavailable))
+
+
+def _connect_or_explain(dialect: Dialect, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    cparams.setdefault("timeout", CONNECT_TIMEOUT)
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as exc:
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "no answer in time"
+        )
+        raise DatabaseUnavailable(reason) from exc
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets readers (relay lookups) proceed while the audit writer commits; foreign keys are off by
     # default in SQLite; the busy timeout turns writer contention into waiting instead of errors.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+    try:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+    except Exception:
+        # A damaged file fails here; the pool drops the connection without closing it, and each such
+        # aiosqlite connection would keep its thread for the life of the process.
+        dbapi_connection.close()
+        raise
 
 
 def create_private_sqlite_file(url: str) -> None:
@@ -43,7 +78,9 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, pool_size=5, max_overflow=0)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_timeout=10)
+    event.listen(engine.sync_engine, "do_connect", _connect_or_explain)
+    return engine
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -54,7 +54,8 @@ def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         gateway: Gateway = request.state.gateway
         async with gateway.sessions() as db:
             caller = await apikeys.authenticate(db, request.headers.get("authorization"))
-            await db.commit()
+        if caller is not None:
+            gateway.key_usage.seen(caller)
         if caller is None:
             return problem(
                 401,
@@ -88,6 +89,8 @@ async def _read_json(request: Request) -> dict[str, Any] | Response:
         data = json.loads(body)
     except ValueError:
         return problem(400, "Malformed JSON", "the body is not valid JSON")
+    except RecursionError:  # a few kilobytes of brackets nest deeper than Python's parser recurses
+        return problem(400, "Malformed JSON", "the body nests arrays or objects too deeply")
     if not isinstance(data, dict):
         return problem(400, "Malformed request", "the body must be a JSON object")
     return data

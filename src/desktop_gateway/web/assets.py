@@ -8,13 +8,14 @@ and whatever other sites on the school's domain set), since a desktop is run by 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
@@ -65,9 +66,13 @@ async def desktop_asset(request: Request) -> Response:
         headers["authorization"] = authorization
     url = asset_url(found.target.url, request.path_params["path"], request.url.query)
     upstream_request = gateway.assets.build_request(request.method, url, headers=headers)
+    # One deadline for the whole answer: httpx's timeouts are per read, which a desktop sending a byte
+    # now and then never runs into, and each such download holds a connection on both sides.
+    deadline = asyncio.get_running_loop().time() + gateway.settings.asset_timeout
     try:
-        upstream = await gateway.assets.send(upstream_request, stream=True)
-    except httpx.HTTPError as exc:
+        async with asyncio.timeout_at(deadline):
+            upstream = await gateway.assets.send(upstream_request, stream=True)
+    except (httpx.HTTPError, TimeoutError) as exc:
         log.warning(
             "asset unreachable: user=%s desktop=%s cause=%s: %s", who.username, name, type(exc).__name__, exc
         )
@@ -83,9 +88,37 @@ async def desktop_asset(request: Request) -> Response:
     passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
     passed["x-frame-options"] = "SAMEORIGIN"
     passed["x-content-type-options"] = "nosniff"
-    return StreamingResponse(
-        upstream.aiter_raw(),
-        status_code=upstream.status_code,
-        headers=passed,
-        background=BackgroundTask(upstream.aclose),
-    )
+    return ProxiedBody(upstream, passed, deadline, f"user={who.username} desktop={name}")
+
+
+class ProxiedBody(Response):
+    """A desktop's answer passed on as it comes, until ``deadline`` (the event loop's clock).
+
+    An answer not complete by then is cut off: the app returns without finishing it, so the server
+    closes the connection and the browser sees a broken download, never a short file it might cache.
+    """
+
+    def __init__(self, upstream: httpx.Response, headers: dict[str, str], deadline: float, who: str) -> None:
+        super().__init__(status_code=upstream.status_code, headers=headers)
+        self.upstream, self.deadline, self.who = upstream, deadline, who
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            chunks = self.upstream.aiter_raw()
+            while True:
+                try:
+                    async with asyncio.timeout_at(self.deadline):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            log.warning("asset cut off: %s cause=not complete within DESKTOP_GATEWAY_ASSET_TIMEOUT", self.who)
+        except httpx.HTTPError as exc:
+            log.warning("asset broken off: %s cause=%s: %s", self.who, type(exc).__name__, exc)
+        finally:
+            await self.upstream.aclose()
