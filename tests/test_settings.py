@@ -62,8 +62,9 @@ def test_empty_env_defaults(tmp_path: Path) -> None:
     assert settings.forwarded_allow_ips == "127.0.0.1,::1"
     assert settings.audit_retention_days == 365
     assert settings.max_connections == 4000
-    assert settings.request_read_timeout == 20
     assert settings.asset_timeout == 60
+    assert settings.max_relays_per_user == 8
+    assert settings.log_format == "text"
 
 
 def test_empty_values_mean_defaults(tmp_path: Path) -> None:
@@ -82,8 +83,9 @@ def test_empty_values_mean_defaults(tmp_path: Path) -> None:
         "LOG_LEVEL",
         "FORWARDED_ALLOW_IPS",
         "MAX_CONNECTIONS",
-        "REQUEST_READ_TIMEOUT",
         "ASSET_TIMEOUT",
+        "MAX_RELAYS_PER_USER",
+        "LOG_FORMAT",
     ]
     blank = load_settings({f"DESKTOP_GATEWAY_{n}": "" for n in names}, tmp_path)
     default = load_settings({}, tmp_path)  # the second load reads the key the first one generated

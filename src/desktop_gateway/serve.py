@@ -11,17 +11,16 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
+import resource
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from types import FrameType
-from typing import cast
 
 import uvicorn
 
 from desktop_gateway import __version__
-from desktop_gateway.connlimits import ConnectionLimits, raise_open_file_limit
 from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
 from desktop_gateway.logs import setup_logging
@@ -91,16 +90,16 @@ MAX_REQUEST_HEAD = 32 * 1024
 
 
 def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uvicorn.Config:
-    """The one place the server is configured.
+    """The one place the server is configured, with uvicorn's documented settings only.
 
     The HTTP parser is h11, not httptools (``uvicorn[standard]``'s choice): httptools keeps every header
     line of a head that never ends (20 such connections took the process from 176 MB to 2.5 GB), while
     h11 refuses a head over ``h11_max_incomplete_event_size`` with 400 and closes the connection. The
-    parser only reads request heads; a relay's data never passes through it. In front of it,
-    :class:`ConnectionLimits` bounds what uvicorn does not: open connections, the time a request may
-    take to arrive, and its number of header lines.
+    parser only reads request heads; a relay's data never passes through it. ``limit_concurrency``
+    answers requests beyond ``MAX_CONNECTIONS`` open connections with 503. uvicorn has no timeout for a
+    request head on its way in: Apache's ``RequestReadTimeout`` in front bounds slow heads (see
+    ``deploy/apache/``).
     """
-    limits = ConnectionLimits(settings.max_connections, float(settings.request_read_timeout))
     return uvicorn.Config(
         "desktop_gateway.app:create_app",
         factory=True,
@@ -109,8 +108,9 @@ def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uv
         workers=workers,
         log_config=None,
         log_level=settings.log_level.lower(),
-        http=cast("type[asyncio.Protocol]", limits),  # uvicorn calls it like a protocol class
+        http="h11",
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD,
+        limit_concurrency=settings.max_connections,
         proxy_headers=True,
         # Only a trusted reverse proxy may say who the client is (KasmVNC blacklists by that address).
         forwarded_allow_ips=settings.forwarded_allow_ips,
@@ -121,6 +121,32 @@ def uvicorn_config(settings: Settings, host: str, port: int, workers: int) -> uv
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=10,
     )
+
+
+def raise_open_file_limit(max_connections: int) -> None:
+    """Let the process have as many open files as the system allows, and warn if that is too few.
+
+    Each relay holds two descriptors (browser and desktop), so ``max_connections`` needs about twice as
+    many, plus some for the database, Docker and logs. Many systems start processes with a soft limit of
+    1024, far below what a school's relays need, while the hard limit is much higher.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 2 * max_connections + 256)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    needed = 2 * max_connections + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "this process may open only %d files, but DESKTOP_GATEWAY_MAX_CONNECTIONS=%d needs about %d: "
+            "raise the limit (LimitNOFILE= in a systemd unit, ulimit -n) or lower the setting",
+            soft,
+            max_connections,
+            needed,
+        )
 
 
 async def _prepare(settings: Settings) -> None:
@@ -190,9 +216,8 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 def _worker(config: uvicorn.Config, log_level: str, log_format: str) -> None:
     setup_logging(log_level, log_format)  # a spawned process starts with no logging set up
-    limits = config.http
-    if isinstance(limits, ConnectionLimits):
-        raise_open_file_limit(limits.max_connections)
+    if config.limit_concurrency is not None:
+        raise_open_file_limit(config.limit_concurrency)
     sock = reuseport_socket(config.host, config.port)
     sock.listen(config.backlog)
     _run(uvicorn.Server(config), [sock])

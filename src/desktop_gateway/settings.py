@@ -84,7 +84,6 @@ class Settings:
     max_relays_per_user: int = 8
     log_format: str = "text"
     max_connections: int = 4000
-    request_read_timeout: int = 20
     asset_timeout: int = 60
 
     @property
@@ -290,7 +289,6 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         max_relays_per_user=_int(env, "MAX_RELAYS_PER_USER", 8, errors, minimum=0),
         log_format=log_format,
         max_connections=_int(env, "MAX_CONNECTIONS", 4000, errors, minimum=10),
-        request_read_timeout=_int(env, "REQUEST_READ_TIMEOUT", 20, errors, minimum=1),
         asset_timeout=_int(env, "ASSET_TIMEOUT", 60, errors, minimum=1),
     )
     if errors:
