@@ -11,6 +11,7 @@ import enum
 import secrets
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from desktop_gateway.db.conflicts import insert_unless_taken
@@ -62,6 +63,15 @@ class LaunchTokens:
         ):
             raise LaunchRefused(LaunchRefusal.INVALID)
         return LaunchGrant(user_id=data["u"], desktop_name=data["d"], jti=data["j"])
+
+
+async def check(db: AsyncSession, tokens: LaunchTokens, token: str) -> LaunchGrant:
+    """Verify ``token`` and that it is unused, without using it up (for the page that asks to confirm)."""
+    grant = tokens.verify(token)
+    used = await db.execute(select(UsedLaunchToken.jti).where(UsedLaunchToken.jti == grant.jti))
+    if used.first() is not None:
+        raise LaunchRefused(LaunchRefusal.USED)
+    return grant
 
 
 async def redeem(db: AsyncSession, tokens: LaunchTokens, token: str) -> LaunchGrant:
