@@ -114,7 +114,10 @@ class Gateway:
         if desktop["state"] != "running":
             raise RuntimeError(f"the static desktop should be running at once, it is {desktop['state']}")
         async with httpx.AsyncClient(timeout=30) as browser:
-            launched = await browser.get(desktop["launch_url"])
+            # As a person does: open the link, then press the button on the page it shows.
+            url = httpx.URL(desktop["launch_url"])
+            await browser.get(url)
+            launched = await browser.post(url, headers={"Origin": f"{url.scheme}://{url.netloc.decode()}"})
         cookie = launched.cookies.get(COOKIE_NAME)
         if launched.status_code != 303 or not cookie:
             raise RuntimeError(f"the launch link answered {launched.status_code} without a session cookie")

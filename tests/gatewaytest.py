@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import html
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -111,9 +113,9 @@ class RunningGateway:
         return body
 
     async def sign_in(self, launch_url: str) -> str:
-        """Follow a launch URL as a browser would; return the session cookie value it set."""
+        """Follow a launch URL as a person's browser would; return the session cookie value it set."""
         async with httpx.AsyncClient() as browser:
-            response = await browser.get(launch_url)
+            response = await follow_launch_link(browser, launch_url)
         assert response.status_code == 303, response.text
         cookie = response.cookies.get(COOKIE_NAME)
         assert cookie
@@ -149,6 +151,21 @@ class RunningGateway:
             max_size=None,
             ping_interval=None,
         )
+
+
+LAUNCH_FORM = re.compile(r'<form id="launch" method="post" action="([^"]+)">')
+
+
+async def follow_launch_link(browser: httpx.AsyncClient, launch_url: str) -> httpx.Response:
+    """What a person's browser does with a launch link: open it, then press the button on the page it
+    shows (a form posted back to the gateway, with that page's Origin). Returns the last answer: the
+    confirmation's, or the link's own when it shows no form (a refusal)."""
+    page = await browser.get(launch_url)
+    form = LAUNCH_FORM.search(page.text) if page.status_code == 200 else None
+    if form is None:
+        return page
+    origin = f"{page.url.scheme}://{page.url.netloc.decode()}"
+    return await browser.post(page.url.join(html.unescape(form.group(1))), headers={"Origin": origin})
 
 
 async def start_gateway_on(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import kasm_front
 from conftest import StartGateway
 from desktop_gateway import identity, launch
 from desktop_gateway.db.models import BrowserSession, UsedLaunchToken
-from gatewaytest import SECRET, RunningGateway, close_frame, static_type
+from gatewaytest import SECRET, RunningGateway, close_frame, follow_launch_link, static_type
 
 TIMEOUT = 10
 
@@ -195,7 +196,7 @@ async def test_launch_sets_a_safe_cookie_and_redirects(gw: RunningGateway) -> No
     """Redeeming a launch link sets an HttpOnly, SameSite=Lax cookie and redirects to the desktop page."""
     desktop = await gw.start_desktop("anna", "lab")
     async with httpx.AsyncClient() as browser:
-        response = await browser.get(desktop["launch_url"])
+        response = await follow_launch_link(browser, desktop["launch_url"])
     assert response.status_code == 303
     assert response.headers["location"] == f"/desktop/{desktop['name']}"
     set_cookie = response.headers["set-cookie"]
@@ -211,7 +212,11 @@ async def test_secure_cookie_behind_https(start_gateway: StartGateway, kasm: kas
     token = desktop["launch_url"].rsplit("/", 1)[1]
     assert desktop["launch_url"].startswith("https://desktop.school.example/launch/")
     async with httpx.AsyncClient(base_url=gw.base_url) as browser:
-        response = await browser.get(f"/launch/{token}")
+        page = await browser.get(f"/launch/{token}")
+        response = await browser.post(
+            f"/launch/{token}", headers={"Origin": "https://desktop.school.example"}
+        )
+    assert page.status_code == 200
     assert "Secure" in response.headers["set-cookie"]
 
 
@@ -219,8 +224,8 @@ async def test_replayed_launch_token_is_refused(gw: RunningGateway) -> None:
     """A launch link works once; the second use is refused and recorded no second session."""
     desktop = await gw.start_desktop("anna", "lab")
     async with httpx.AsyncClient() as browser:
-        first = await browser.get(desktop["launch_url"])
-        second = await browser.get(desktop["launch_url"])
+        first = await follow_launch_link(browser, desktop["launch_url"])
+        second = await follow_launch_link(browser, desktop["launch_url"])
     assert first.status_code == 303
     assert second.status_code == 403
     assert "already used" in second.text
@@ -249,7 +254,8 @@ async def test_concurrent_launch_redemptions_give_one_session(gw: RunningGateway
     """Ten simultaneous redemptions of one launch link sign in exactly one browser."""
     desktop = await gw.start_desktop("anna", "lab")
     async with httpx.AsyncClient() as browser:
-        responses = await asyncio.gather(*(browser.get(desktop["launch_url"]) for _ in range(10)))
+        confirm = partial(browser.post, desktop["launch_url"], headers={"Origin": gw.base_url})
+        responses = await asyncio.gather(*(confirm() for _ in range(10)))
     assert sorted(r.status_code for r in responses) == [303] + [403] * 9
 
 
@@ -293,3 +299,57 @@ async def test_viewer_page_needs_the_owner(gw: RunningGateway) -> None:
     assert other.status_code == 404
     assert stranger.status_code == 401
     assert "school portal" in stranger.text
+
+
+async def test_opening_a_launch_link_signs_nobody_in(gw: RunningGateway) -> None:
+    """Opening a launch link only shows whose desktop it opens; nobody is signed in, the link stays unused."""
+    desktop, cookie = await gw.open_desktop("mallory", "lab")  # the victim is signed in as herself
+    link = (await gw.start_desktop("anna", "lab"))["launch_url"]
+    async with httpx.AsyncClient(cookies={identity.COOKIE_NAME: cookie}) as browser:
+        page = await browser.get(link)
+    assert page.status_code == 200
+    assert "anna" in page.text
+    assert 'method="post"' in page.text
+    assert "set-cookie" not in page.headers
+    async with gw.gateway.sessions() as db:
+        sessions = (await db.execute(select(BrowserSession))).scalars().all()
+        assert [s.revoked_at for s in sessions] == [None], "the browser's own session was ended"
+        assert len((await db.execute(select(UsedLaunchToken))).all()) == 1, "only mallory's own link is used"
+    assert desktop["name"] == "mallory-lab"
+    assert await gw.sign_in(link), "the link still works when the person confirms"
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", None])
+async def test_launch_confirmation_from_another_site_is_refused(
+    gw: RunningGateway, origin: str | None
+) -> None:
+    """A launch confirmation posted by another site's page (or without Origin) signs nobody in."""
+    link = (await gw.start_desktop("anna", "lab"))["launch_url"]
+    headers = {"Origin": origin} if origin is not None else {}
+    async with httpx.AsyncClient() as browser:
+        response = await browser.post(link, headers=headers)
+    assert response.status_code == 403
+    assert "set-cookie" not in response.headers
+    async with gw.gateway.sessions() as db:
+        assert (await db.execute(select(BrowserSession))).all() == []
+    assert await gw.sign_in(link), "the link is still unused"
+
+
+async def test_pages_forbid_framing_and_foreign_content(gw: RunningGateway) -> None:
+    """The gateway's pages carry a strict Content-Security-Policy (no framing) and nosniff."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    link = (await gw.start_desktop("anna", "lab"))["launch_url"]
+    async with httpx.AsyncClient(base_url=gw.base_url, cookies={identity.COOKIE_NAME: cookie}) as browser:
+        pages = [
+            await browser.get(f"/desktop/{desktop['name']}"),
+            await browser.get(link),
+            await browser.get("/desktop/nobody-lab"),
+        ]
+    for page in pages:
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy, page.url
+        assert "frame-ancestors 'none'" in policy
+        assert "'unsafe-inline'" not in policy
+        assert page.headers["x-content-type-options"] == "nosniff"
+        nonce = policy.split("'nonce-", 1)[1].split("'", 1)[0]
+        assert all(f'nonce="{nonce}"' in tag for tag in page.text.split("<script")[1:]), "inline script"

@@ -22,7 +22,14 @@ from conftest import StartGateway
 from desktop_gateway.closepolicy import UNREACHABLE
 from desktop_gateway.identity import session_cookie_name
 from desktop_gateway.websockify import WEBSOCKET_ONLY
-from gatewaytest import RunningGateway, close_frame, echo_round_trip, missing_real_component, static_type
+from gatewaytest import (
+    RunningGateway,
+    close_frame,
+    echo_round_trip,
+    follow_launch_link,
+    missing_real_component,
+    static_type,
+)
 
 PW = "pw"
 COOKIE_NAME = session_cookie_name(secure=True)  # the site is https: __Host-dg_session
@@ -50,7 +57,7 @@ class Site:
         launch_url: str = desktop["launch_url"]
         assert launch_url.startswith(f"{self.apache.base_url}/launch/"), launch_url
         async with self.client() as browser:
-            response = await browser.get(launch_url)
+            response = await follow_launch_link(browser, launch_url)
         assert response.status_code == 303, response.text
         location = response.headers["location"]
         assert location in (

@@ -25,7 +25,7 @@ from desktop_gateway.db.models import Desktop, User
 from desktop_gateway.identity import COOKIE_NAME
 from desktop_gateway.web import api
 from desktop_gateway.web.openapi import OPENAPI
-from gatewaytest import RunningGateway, static_type
+from gatewaytest import RunningGateway, follow_launch_link, static_type
 
 VNC_PW = "vnc-password-that-must-never-leak-7f3a"
 PROBLEM = "application/problem+json"
@@ -350,7 +350,7 @@ async def test_name_collision_gives_distinct_names(gw: RunningGateway) -> None:
     # Each launch link leads its own user to their own desktop.
     for body in (a, b):
         async with httpx.AsyncClient() as browser:
-            response = await browser.get(body["launch_url"])
+            response = await follow_launch_link(browser, body["launch_url"])
         assert response.status_code == 303
         assert response.headers["location"] == f"/desktop/{body['name']}"
     # Asked again, each user still gets their own desktop.
@@ -468,7 +468,7 @@ async def test_launch_gives_fresh_url_that_signs_in(gw: RunningGateway) -> None:
     assert first.json()["id"] == started["id"]
 
     async with httpx.AsyncClient() as browser:
-        response = await browser.get(first.json()["launch_url"])
+        response = await follow_launch_link(browser, first.json()["launch_url"])
         assert response.status_code == 303
         assert response.headers["location"] == "/desktop/anna-lab"
         cookie = response.cookies.get(COOKIE_NAME)

@@ -141,3 +141,16 @@ async def test_trickling_desktop_is_cut_off_at_the_asset_deadline(start_gateway:
                 pytest.fail("the trickled file was still being passed on 6 s after a 1 s asset deadline")
         async with asyncio.timeout(5):
             await desktop.client_left.wait()  # the gateway left the desktop too
+
+
+async def test_desktop_pages_carry_a_content_security_policy(gw: RunningGateway) -> None:
+    """The desktop's pages carry a Content-Security-Policy (framed by the viewer only) and nosniff."""
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    page = await get(gw, f"/desktop/{desktop['name']}/vnc.html", cookie)
+    refused = await get(gw, f"/desktop/{desktop['name']}/vnc.html", None)  # shown in the viewer's frame
+    for response in (page, refused):
+        policy = response.headers["content-security-policy"]
+        assert "default-src 'self'" in policy
+        assert "frame-ancestors 'self'" in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+    assert "object-src 'none'" in page.headers["content-security-policy"]

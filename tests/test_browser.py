@@ -99,6 +99,13 @@ async def open_launch_link(chromium: Chromium, url: str, name: str) -> Page:
     await chromium.expose(port)
     page = await chromium.new_page()
     await page.navigate(url)
+    # The link shows whose desktop it opens; the person presses the button, as a student does.
+    await page.wait_for(
+        "document.readyState === 'complete' && !!document.querySelector('#launch button')",
+        "the launch link did not show its confirmation page",
+        within=30,
+    )
+    await page.evaluate("document.querySelector('#launch button').click()")
     await page.wait_for(
         f"location.pathname === {json.dumps('/desktop/' + name)} && document.readyState === 'complete'",
         f"the launch link did not lead to the viewer of {name}",

@@ -80,7 +80,7 @@ async def test_https_gateway_uses_a_host_prefixed_cookie(
     desktop = await gw.start_desktop("anna", "lab")
     token = desktop["launch_url"].rsplit("/", 1)[1]
     async with httpx.AsyncClient(base_url=gw.base_url) as browser:
-        launched = await browser.get(f"/launch/{token}")
+        launched = await browser.post(f"/launch/{token}", headers={"Origin": public})
     set_cookie = launched.headers["set-cookie"]
     pair, *attributes = (part.strip() for part in set_cookie.split(";"))
     name, _, cookie = pair.partition("=")

@@ -2,6 +2,10 @@
 
 A user has at most one desktop per desktop type (a unique constraint), so requesting it again, even twice
 at once, gives the same desktop.
+
+No SAVEPOINTs here (see :mod:`desktop_gateway.db.conflicts`): on SQLite one committed the user row, or a
+desktop left ``starting``, of a request that then rolled back or whose process was killed half-way.
+Concurrent inserts are resolved inside the caller's transaction, so a request is all or nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import uuid
 from collections.abc import Mapping
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from desktop_gateway.db.conflicts import insert_unless_taken
 from desktop_gateway.db.models import Desktop, DesktopState, DesktopTypeRow, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.upstream import Target
@@ -48,6 +52,11 @@ class DesktopNotFound(DesktopError):
 class TypeUnavailable(DesktopError):
     status = 503
     title = "Desktop type unavailable"
+
+
+class NameTaken(DesktopError):
+    status = 409
+    title = "Desktop name taken"
 
 
 class OverLimit(DesktopError):
@@ -131,18 +140,43 @@ async def sync_desktop_types(db: AsyncSession, types: Mapping[str, DesktopType])
             row.title, row.image, row.endpoint, row.updated_at = t.title, t.image, t.endpoint, utcnow()
 
 
+async def settle_endpoint_desktops(db: AsyncSession, types: Mapping[str, DesktopType]) -> list[str]:
+    """Finish endpoint desktops left ``starting`` (by a crash while requests were not yet atomic):
+    running if their type is still an endpoint, failed otherwise. The caller commits.
+
+    An endpoint desktop is created and marked running in one transaction, so a committed ``starting``
+    row of that kind never belongs to a request in progress. Container desktops are the launcher's
+    (their rows carry a container, or their type is an image).
+    """
+    images = [t.name for t in types.values() if not t.is_static]
+    stuck = (
+        await db.execute(
+            select(Desktop).where(
+                Desktop.state == DesktopState.STARTING.value,
+                Desktop.container_id.is_(None),
+                Desktop.desktop_type.not_in(images),
+            )
+        )
+    ).scalars()
+    settled = []
+    for desktop in stuck:
+        desktop_type = types.get(desktop.desktop_type)
+        if desktop_type is not None and desktop_type.is_static:
+            _mark_running_static(desktop, desktop_type)
+        else:
+            set_state(desktop, DesktopState.FAILED, "its desktop type is no longer configured")
+        settled.append(desktop.name)
+    return settled
+
+
 async def ensure_user(db: AsyncSession, username: str) -> User:
-    user = (await db.execute(select(User).where(User.username == username))).scalar_one_or_none()
+    query = select(User).where(User.username == username)
+    user = (await db.execute(query)).scalar_one_or_none()
     if user is not None:
         return user
-    try:
-        async with db.begin_nested():
-            user = User(username=username)
-            db.add(user)
-    except IntegrityError:
-        # Created concurrently by another request: use that one.
-        user = (await db.execute(select(User).where(User.username == username))).scalar_one()
-    return user
+    # Created concurrently by another request: that one is used.
+    await db.execute(insert_unless_taken(db, User).values(username=username, created_at=utcnow()))
+    return (await db.execute(query)).scalar_one()
 
 
 async def request_desktop(
@@ -237,28 +271,29 @@ async def _create(
     if (await db.execute(select(Desktop.id).where(Desktop.name == plain))).first() is not None:
         names.pop(0)
     for name in names:
-        desktop = Desktop(
-            id=desktop_id,
-            name=name,
-            user_id=user.id,
-            desktop_type=desktop_type.name,
-            state=DesktopState.STARTING.value,
-            instance=instance,
+        now = utcnow()
+        inserted = await db.execute(
+            insert_unless_taken(db, Desktop).values(
+                id=desktop_id,
+                name=name,
+                user_id=user.id,
+                desktop_type=desktop_type.name,
+                state=DesktopState.STARTING.value,
+                state_changed_at=now,
+                created_at=now,
+                instance=instance,
+            )
         )
-        try:
-            async with db.begin_nested():
-                db.add(desktop)
-        except IntegrityError:
-            # The same user and type requested concurrently: the other request's row wins.
-            existing = await _find(db, user.id, desktop_type.name)
-            if existing is not None:
-                return existing, False
-            if name == names[-1]:
-                raise
-            # Another user's desktop took the plain name at the same moment: use the suffixed one.
-            continue
-        return desktop, True
-    raise AssertionError("unreachable: the last name either returns or raises")
+        if getattr(inserted, "rowcount", 0) == 1:
+            desktop = await db.get(Desktop, desktop_id)
+            assert desktop is not None
+            return desktop, True
+        # The same user and type requested concurrently: the other request's row wins.
+        existing = await _find(db, user.id, desktop_type.name)
+        if existing is not None:
+            return existing, False
+        # Otherwise another user's desktop took the plain name at the same moment: try the suffixed one.
+    raise NameTaken(f"the names {' and '.join(names)} are both taken; request the desktop again")
 
 
 def _mark_running_static(desktop: Desktop, desktop_type: DesktopType) -> None:

@@ -19,7 +19,7 @@ from desktop_gateway.audit import AuditLog
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
-from desktop_gateway.desktops import sync_desktop_types
+from desktop_gateway.desktops import settle_endpoint_desktops, sync_desktop_types
 from desktop_gateway.events import DesktopEvents
 from desktop_gateway.identity import SessionCodec
 from desktop_gateway.launch import LaunchTokens
@@ -106,6 +106,8 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         sessions = session_factory(engine)
         async with sessions() as db:
             await sync_desktop_types(db, types)
+            for name in await settle_endpoint_desktops(db, types):
+                log.warning("desktop %s was left starting by an interrupted request; settled it", name)
             await db.commit()
         hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions)
         runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())

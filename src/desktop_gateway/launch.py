@@ -11,10 +11,11 @@ import enum
 import secrets
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from desktop_gateway.db.models import UsedLaunchToken
+from desktop_gateway.db.conflicts import insert_unless_taken
+from desktop_gateway.db.models import UsedLaunchToken, utcnow
 
 SALT = "desktop-gateway.launch"
 
@@ -64,12 +65,26 @@ class LaunchTokens:
         return LaunchGrant(user_id=data["u"], desktop_name=data["d"], jti=data["j"])
 
 
-async def redeem(db: AsyncSession, tokens: LaunchTokens, token: str) -> LaunchGrant:
-    """Verify and consume ``token`` in its own savepoint; the caller commits."""
+async def check(db: AsyncSession, tokens: LaunchTokens, token: str) -> LaunchGrant:
+    """Verify ``token`` and that it is unused, without using it up (for the page that asks to confirm)."""
     grant = tokens.verify(token)
-    try:
-        async with db.begin_nested():
-            db.add(UsedLaunchToken(jti=grant.jti, user_id=grant.user_id))
-    except IntegrityError as exc:
-        raise LaunchRefused(LaunchRefusal.USED) from exc
+    used = await db.execute(select(UsedLaunchToken.jti).where(UsedLaunchToken.jti == grant.jti))
+    if used.first() is not None:
+        raise LaunchRefused(LaunchRefusal.USED)
+    return grant
+
+
+async def redeem(db: AsyncSession, tokens: LaunchTokens, token: str) -> LaunchGrant:
+    """Verify and consume ``token``; the caller commits (and a rollback leaves the token unused).
+
+    ``ON CONFLICT DO NOTHING`` rather than a SAVEPOINT (see :mod:`desktop_gateway.db.conflicts`).
+    """
+    grant = tokens.verify(token)
+    used = await db.execute(
+        insert_unless_taken(db, UsedLaunchToken).values(
+            jti=grant.jti, user_id=grant.user_id, used_at=utcnow()
+        )
+    )
+    if getattr(used, "rowcount", 0) != 1:
+        raise LaunchRefused(LaunchRefusal.USED)
     return grant

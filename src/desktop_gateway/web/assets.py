@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
-from desktop_gateway.web.pages import message, owned_desktop
+from desktop_gateway.web.pages import framed_in_viewer, message, owned_desktop
 
 log = logging.getLogger("desktop_gateway.assets")
 
@@ -50,7 +50,27 @@ def asset_url(endpoint: str, path: str, query: str) -> str:
     return urlunsplit((scheme, parts.netloc, "/" + path.lstrip("/"), query, ""))
 
 
+# What a desktop's own web client may do in the browser: load its files and connect back to the gateway,
+# be framed by the gateway's viewer page, nothing else (no other site, no plugins). Inline script and
+# style stay allowed: KasmVNC's client has inline handlers and styles in its markup, and they add
+# nothing a desktop could not do anyway, since its own script files are the client.
+DESKTOP_PAGE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; "
+    "font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; media-src 'self' blob:; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'"
+)
+
+
 async def desktop_asset(request: Request) -> Response:
+    """The desktop's file at ``path``; what the gateway itself answers is shown in the viewer's frame."""
+    response = await _desktop_asset(request)
+    if not isinstance(response, ProxiedBody):
+        framed_in_viewer(response)
+    return response
+
+
+async def _desktop_asset(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     found = await owned_desktop(request)
     if isinstance(found, Response):
@@ -88,6 +108,7 @@ async def desktop_asset(request: Request) -> Response:
     passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
     passed["x-frame-options"] = "SAMEORIGIN"
     passed["x-content-type-options"] = "nosniff"
+    passed["content-security-policy"] = DESKTOP_PAGE_POLICY
     return ProxiedBody(upstream, passed, deadline, f"user={who.username} desktop={name}")
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from desktop_gateway import closepolicy, desktops, identity, launch
-from desktop_gateway.db.models import Desktop, DesktopState, utcnow
+from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
@@ -24,12 +26,14 @@ _templates = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(["html"]),
 )
-# Pages carry a signed-in session: keep them out of caches and frames of other sites.
+# Pages carry a signed-in session: keep them out of caches and out of frames (a framed launch page could
+# be clicked through by another site), and let them load nothing but the gateway's own resources.
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "X-Frame-Options": "SAMEORIGIN",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; base-uri 'none'; frame-ancestors 'none'",
 }
 
 FOREIGN_ORIGIN = (
@@ -41,41 +45,103 @@ FOREIGN_ORIGIN = (
 LAUNCHABLE = (DesktopState.STARTING, DesktopState.RUNNING)
 
 
+def page_policy(nonce: str) -> str:
+    """The Content-Security-Policy of an HTML page: its own inline script and style (by ``nonce``), and
+    otherwise only the gateway's own origin; the viewer frames the desktop's noVNC, also the gateway's."""
+    return (
+        f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'nonce-{nonce}'; "
+        "img-src 'self' data:; connect-src 'self'; frame-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+
+
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
-    html = _templates.get_template(template).render(**context)
-    return HTMLResponse(html, status_code=status, headers=_PAGE_HEADERS)
+    nonce = secrets.token_urlsafe(16)
+    html = _templates.get_template(template).render(csp_nonce=nonce, **context)
+    headers = {**_PAGE_HEADERS, "Content-Security-Policy": page_policy(nonce)}
+    return HTMLResponse(html, status_code=status, headers=headers)
 
 
 def message(status: int, heading: str, sentence: str) -> HTMLResponse:
     return render("message.html", status=status, heading=heading, sentence=sentence)
 
 
+def framed_in_viewer(response: Response) -> Response:
+    """Let the viewer page show ``response`` in its frame (where noVNC would be): same-origin framing."""
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    policy = response.headers.get("Content-Security-Policy", "")
+    response.headers["Content-Security-Policy"] = policy.replace(
+        "frame-ancestors 'none'", "frame-ancestors 'self'"
+    )
+    return response
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+async def _launchable(
+    request: Request, gateway: Gateway, db: AsyncSession, use: bool
+) -> launch.LaunchGrant | HTMLResponse:
+    """The grant of the path's launch token if it may sign in now (used up when ``use``), else the page
+    that says why not."""
+    token = request.path_params["token"]
+    try:
+        grant = await (launch.redeem if use else launch.check)(db, gateway.launch_tokens, token)
+    except launch.LaunchRefused as exc:
+        log.warning("launch refused: client=%s cause=%s", _client(request), exc.refusal.name.lower())
+        gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
+        return message(403, "Cannot open the desktop", exc.refusal.value)
+    found = await desktops.find_by_name(db, grant.desktop_name)
+    if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
+        # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.
+        # Not committed: the link stays unused, though only useful if the desktop is started again.
+        state = found.state.value if found is not None else "gone"
+        log.info("launch refused: desktop=%s state=%s", grant.desktop_name, state)
+        gateway.audit.record("deny", None, grant.desktop_name, f"launch of a desktop that is {state}")
+        return message(
+            409,
+            "Desktop not running",
+            "The desktop is not running. Start it again from the school portal.",
+        )
+    return grant
+
+
 async def launch_page(request: Request) -> Response:
-    """Redeem a single-use launch token: sign the browser in as its user and go to the desktop."""
+    """Show what a launch link would do and ask to confirm it; signs nobody in.
+
+    Opening a link must not sign in by itself: any site could send a student's browser to someone
+    else's unused link (its own, say) and so sign the student in as that person, ending their own
+    session. Only the button on this page, posted back from the gateway's own origin, does.
+    """
     gateway: Gateway = request.state.gateway
     async with gateway.sessions() as db:
-        try:
-            grant = await launch.redeem(db, gateway.launch_tokens, request.path_params["token"])
-        except launch.LaunchRefused as exc:
-            log.warning(
-                "launch refused: client=%s cause=%s",
-                request.client.host if request.client else "-",
-                exc.refusal.name.lower(),
-            )
-            gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
-            return message(403, "Cannot open the desktop", exc.refusal.value)
-        found = await desktops.find_by_name(db, grant.desktop_name)
-        if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
-            # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.
-            # Not committed: the link stays unused, though only useful if the desktop is started again.
-            state = found.state.value if found is not None else "gone"
-            log.info("launch refused: desktop=%s state=%s", grant.desktop_name, state)
-            gateway.audit.record("deny", None, grant.desktop_name, f"launch of a desktop that is {state}")
-            return message(
-                409,
-                "Desktop not running",
-                "The desktop is not running. Start it again from the school portal.",
-            )
+        grant = await _launchable(request, gateway, db, use=False)
+        if isinstance(grant, Response):
+            return grant
+        username = await db.scalar(select(User.username).where(User.id == grant.user_id))
+    return render(
+        "launch.html",
+        desktop_name=grant.desktop_name,
+        username=username,
+        action=f"/launch/{request.path_params['token']}",
+    )
+
+
+async def confirm_launch(request: Request) -> Response:
+    """Redeem a single-use launch token: sign the browser in as its user and go to the desktop."""
+    gateway: Gateway = request.state.gateway
+    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
+        origin = request.headers.get("origin")
+        log.warning("launch refused: client=%s origin=%.100r", _client(request), origin)
+        gateway.audit.record("deny", None, None, f"launch from origin {str(origin)[:100]!r}")
+        return message(
+            403, "Cannot open the desktop", "Open the desktop from the link the school portal gave you."
+        )
+    async with gateway.sessions() as db:
+        grant = await _launchable(request, gateway, db, use=True)
+        if isinstance(grant, Response):
+            return grant
         old: Identity | None = request.scope.get("identity")
         if old is not None:
             await identity.end_session(db, old.session_id)
@@ -197,6 +263,7 @@ async def readyz(request: Request) -> Response:
 
 routes = [
     Route("/launch/{token}", launch_page, methods=["GET"]),
+    Route("/launch/{token}", confirm_launch, methods=["POST"]),
     Route("/desktop/{name}", viewer_page, methods=["GET"]),
     Route("/logout", logout, methods=["POST"]),
     Route("/status/{name}", desktop_status, methods=["GET"]),
