@@ -82,18 +82,22 @@ async def _endless_headers(port: int, plan: Plan) -> str:
     line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
 
     async def one() -> int:
-        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answered = asyncio.create_task(reader.read())  # done once the gateway closes the connection
         sent = 0
         try:
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            while sent < plan.header_bytes_each:
+            while sent < plan.header_bytes_each and not answered.done():
                 writer.write(line * 64)
                 await writer.drain()
                 sent += len(line) * 64
+                await asyncio.sleep(0)  # let the gateway's answer and close arrive
         except OSError:
             pass  # the gateway closed it: what a limit does
         finally:
             writer.close()
+            answered.cancel()
+            await asyncio.gather(answered, return_exceptions=True)
         return sent
 
     async with asyncio.timeout(plan.seconds * 3):

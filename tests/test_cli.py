@@ -33,7 +33,7 @@ from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.identity import session_cookie_name
 from desktop_gateway.settings import DEFAULT_SECRET_FILE, DEFAULT_SQLITE_FILE
-from gatewaytest import close_frame, missing_real_component, static_type
+from gatewaytest import close_frame, follow_launch_link, missing_real_component, static_type
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 UPGRADE = "desktop-gateway db upgrade"
@@ -321,7 +321,7 @@ async def test_sigterm_closes_relays_with_a_sentence_and_json_logs_follow_each_c
                     await portal.post("/api/v1/desktops", json={"user": "anna", "desktop_type": "lab"})
                 ).json()
             async with httpx.AsyncClient() as browser:
-                launched = await browser.get(desktop["launch_url"])
+                launched = await follow_launch_link(browser, desktop["launch_url"])
             cookie = launched.cookies[session_cookie_name(False)]
             async with websockets.asyncio.client.connect(
                 f"ws://127.0.0.1:{port}/desktop/{desktop['name']}/websockify",
