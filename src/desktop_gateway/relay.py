@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection
@@ -108,7 +109,7 @@ async def _browser_to_container(
         if len(data) > MAX_BROWSER_MESSAGE:  # a server that does not enforce it itself
             return BrowserGone(BROWSER_TOO_BIG.code, BROWSER_TOO_BIG.reason, BROWSER_TOO_BIG)
         handle.bytes_up += len(data)
-        if data and data[0] in _USER_INPUT:
+        if is_user_input(data):
             handle.last_input = time.monotonic()
         if len(data) <= MAX_FRAME:
             await send(data)
@@ -168,7 +169,7 @@ async def relay(
     return outcome
 
 
-async def _cancel(*tasks: asyncio.Task[object] | asyncio.Task[BrowserGone] | asyncio.Task[None]) -> None:
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
