@@ -6,7 +6,18 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -54,12 +65,35 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+class Role(enum.StrEnum):
+    """What a person may do: admins everything, teachers their classes' things, students their own."""
+
+    ADMIN = "admin"
+    TEACHER = "teacher"
+    STUDENT = "student"
+
+
 class User(Base):
+    """A person. ``username`` is a handle fixed at creation (desktop and home volume names derive from
+    it); the sign-in provider's stable id is ``subject``, and everything else is refreshed at sign-in."""
+
     __tablename__ = "users"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # None for people the portal named before they ever signed in with the provider.
+    subject: Mapped[str | None] = mapped_column(String(255), unique=True, index=True)
+    account_name: Mapped[str | None] = mapped_column(String(64))
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(320))
+    # [{"act": "5a", "name": "Klasse 5a"}, ...] and ["ROLE_TEACHER", ...] as last sent by the provider.
+    groups: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list, server_default="[]")
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    role: Mapped[str] = mapped_column(String(16), default=Role.STUDENT.value, server_default="student")
+    role_override: Mapped[str | None] = mapped_column(String(16))
+    blocked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
 class DesktopTypeRow(Base):
@@ -108,6 +142,10 @@ class BrowserSession(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Written at most once a minute while the browser is in use; the idle lifetime counts from it.
+    last_seen_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The provider's ID token, kept server-side only as the hint its end-session endpoint asks for.
+    id_token: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiKey(Base):
@@ -119,6 +157,8 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     key_id: Mapped[str] = mapped_column(String(32), unique=True)
     key_hash: Mapped[str] = mapped_column(String(64))
+    # Space-separated, like OAuth scopes. Keys made before scopes existed were full portal keys.
+    scopes: Mapped[str] = mapped_column(String(200), server_default="desktops:read desktops:write")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -143,3 +183,21 @@ class AuditEvent(Base):
     username: Mapped[str | None] = mapped_column(String(64), index=True)
     desktop: Mapped[str | None] = mapped_column(String(120))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class TypeGrant(Base):
+    """An admin's runtime permission: one desktop type for one group (by its ``act``) or one user."""
+
+    __tablename__ = "type_grants"
+    __table_args__ = (
+        UniqueConstraint("desktop_type", "group_act", name="uq_type_grants_type_group"),
+        UniqueConstraint("desktop_type", "user_id", name="uq_type_grants_type_user"),
+        CheckConstraint("(group_act IS NULL) <> (user_id IS NULL)", name="group_or_user"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    desktop_type: Mapped[str] = mapped_column(ForeignKey("desktop_types.name", ondelete="CASCADE"))
+    group_act: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(100))

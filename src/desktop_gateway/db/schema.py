@@ -66,7 +66,29 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def upgrade(engine: AsyncEngine) -> SchemaStatus:
-    """Bring the schema to the newest revision, in one transaction where the database allows it."""
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+    """Bring the schema to the newest revision, in one transaction where the database allows it.
+
+    On SQLite, foreign keys are off while it runs: a migration that rebuilds a table drops the old one,
+    and with foreign keys on that drop would delete every row referring to it (desktops, sessions).
+    The references are checked once the migration is done.
+    """
+    async with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            # Only outside a transaction does this pragma take effect.
+            await conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            await conn.commit()
+        try:
+            async with conn.begin():
+                await conn.run_sync(_upgrade)
+                if sqlite:
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(
+                            f"the upgrade would leave rows without their references: {broken[:5]}"
+                        )
+        finally:
+            if sqlite:
+                await conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                await conn.commit()
     return await schema_status(engine)
