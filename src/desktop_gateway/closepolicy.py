@@ -69,6 +69,13 @@ TOO_MANY_CONNECTIONS = Close(
 STILL_STARTING = Close(Code.TRY_AGAIN_LATER, "The desktop is still starting. Try again in a few seconds.")
 NOT_RUNNING = Close(Code.GOING_AWAY, "The desktop is not running. Start it again from the school portal.")
 SIGNED_OUT = Close(Code.NORMAL, "You signed out.")
+BLOCKED = Close(Code.POLICY_VIOLATION, "Your account was blocked. Ask the school's IT.")
+SESSION_EXPIRED = Close(Code.POLICY_VIOLATION, "Your sign-in has expired. Sign in again.")
+NOT_ALLOWED_TYPE = Close(
+    Code.POLICY_VIOLATION, "You may not use this kind of desktop. Ask your teacher or the school's IT."
+)
+
+
 DESKTOP_STOPPED = Close(Code.GOING_AWAY, "The desktop was stopped.")
 GATEWAY_GOING_AWAY = Close(Code.GOING_AWAY, "The gateway is restarting. Reconnect in a moment.")
 UNREACHABLE = Close(Code.INTERNAL_ERROR, "The desktop cannot be reached right now.")

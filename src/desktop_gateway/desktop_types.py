@@ -14,11 +14,14 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from desktop_gateway.access import ROLES, TypeRule
+from desktop_gateway.db.models import Role
 from desktop_gateway.runtime import Mount
 
 TYPE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 MAX_TYPE_NAME = 40
 _IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts"}
+_RULE_KEYS = {"allowed_roles", "allowed_groups"}
 
 
 class DesktopTypesError(Exception):
@@ -38,6 +41,7 @@ class DesktopType:
     shm_size: int = 512 * 1024 * 1024
     env: MappingProxyType[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     mounts: tuple[Mount, ...] = ()
+    rule: TypeRule = dataclasses.field(default_factory=TypeRule)
 
     @property
     def is_static(self) -> bool:
@@ -65,7 +69,9 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             )
         if not isinstance(table, dict):
             raise DesktopTypesError(f"{where}: must be a table")
-        unknown = set(table) - {"title", "image", "endpoint", "username", "password"} - _IMAGE_KEYS
+        unknown = (
+            set(table) - {"title", "image", "endpoint", "username", "password"} - _IMAGE_KEYS - _RULE_KEYS
+        )
         if unknown:
             raise DesktopTypesError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
         title = table.get("title")
@@ -96,8 +102,24 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             shm_size=_size(table.get("shm_size", "512m"), f"{where}: shm_size"),
             env=MappingProxyType(_env(table.get("env", {}), where)),
             mounts=_mounts(table.get("mounts", []), where),
+            rule=_rule(table, where),
         )
     return types
+
+
+def _rule(table: dict[str, Any], where: str) -> TypeRule:
+    """Who may use the type: ``allowed_roles`` (admin, teacher, student) and ``allowed_groups`` (group
+    ``act`` names as the sign-in provider sends them); neither given: everyone."""
+    roles, groups = table.get("allowed_roles", []), table.get("allowed_groups", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) and r in ROLES for r in roles):
+        raise DesktopTypesError(
+            f'{where}: allowed_roles is a list of {", ".join(ROLES)}, e.g. allowed_roles = ["teacher"]'
+        )
+    if not isinstance(groups, list) or not all(isinstance(g, str) and g.strip() for g in groups):
+        raise DesktopTypesError(
+            f'{where}: allowed_groups is a list of group short names, e.g. ["5a", "ag-robotik"]'
+        )
+    return TypeRule(frozenset(Role(r) for r in roles), frozenset(g.strip().lower() for g in groups))
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from desktop_gateway.db.conflicts import insert_unless_taken
 from desktop_gateway.db.models import Desktop, DesktopState, DesktopTypeRow, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
+from desktop_gateway.grants import decide, person_of
 from desktop_gateway.upstream import Target
 
 USERNAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
@@ -37,6 +39,11 @@ class DesktopError(Exception):
 class InvalidUser(DesktopError):
     status = 422
     title = "Invalid user name"
+
+
+class NotAllowed(DesktopError):
+    status = 403
+    title = "Desktop type not allowed"
 
 
 class UnknownDesktopType(DesktopError):
@@ -170,13 +177,39 @@ async def settle_endpoint_desktops(db: AsyncSession, types: Mapping[str, Desktop
 
 
 async def ensure_user(db: AsyncSession, username: str) -> User:
-    query = select(User).where(User.username == username)
+    """The user the portal means by ``username``, created if there is none.
+
+    The portal names people by their current account name. Someone who signed in has it as
+    ``account_name`` (their handle stays what it was when they were created, even after a rename); a
+    handle whose owner has since been renamed no longer answers to the old name.
+    """
+    current = (
+        (await db.execute(select(User).where(User.account_name == username).order_by(User.id)))
+        .scalars()
+        .first()
+    )
+    if current is not None:
+        return current
+    query = select(User).where(
+        User.username == username, (User.account_name.is_(None)) | (User.account_name == username)
+    )
     user = (await db.execute(query)).scalar_one_or_none()
     if user is not None:
         return user
+    handle = username
+    if await db.scalar(select(User.id).where(User.username == username)) is not None:
+        # The name's former owner keeps their handle; the suffix is the same for concurrent requests.
+        handle = f"{username[:57]}-{hashlib.sha256(username.encode()).hexdigest()[:6]}"
     # Created concurrently by another request: that one is used.
-    await db.execute(insert_unless_taken(db, User).values(username=username, created_at=utcnow()))
-    return (await db.execute(query)).scalar_one()
+    await db.execute(
+        insert_unless_taken(db, User).values(
+            username=handle, account_name=None if handle == username else username, created_at=utcnow()
+        )
+    )
+    found = (await db.execute(select(User).where(User.username == handle))).scalar_one_or_none()
+    if found is None or (handle != username and found.account_name != username):
+        raise NameTaken(f"the user name {username!r} is being created by another request; try again")
+    return found
 
 
 async def request_desktop(
@@ -189,12 +222,37 @@ async def request_desktop(
     instance: str = "default",
     can_run_images: bool = False,
 ) -> Requested:
-    """Start (or find) ``raw_user``'s desktop of ``type_name``. The caller commits.
+    """Start (or find) the desktop of ``type_name`` for the user the portal names ``raw_user``. The
+    caller commits.
 
     ``needs_start`` is true for exactly one of any number of concurrent requests: the one whose insert
     or conditional update moved the desktop into ``starting``; that caller launches it.
     """
     username = normalise_username(raw_user)
+    desktop_type = _requestable(types, type_name, can_run_images)
+    user = await ensure_user(db, username)
+    return await _request(db, user, desktop_type, limits, instance)
+
+
+async def request_desktop_for(
+    db: AsyncSession,
+    types: Mapping[str, DesktopType],
+    user_id: int,
+    type_name: object,
+    *,
+    limits: Limits = Limits(),
+    instance: str = "default",
+    can_run_images: bool = False,
+) -> Requested:
+    """:func:`request_desktop` for a signed-in user, known by id."""
+    desktop_type = _requestable(types, type_name, can_run_images)
+    user = await db.get(User, user_id)
+    if user is None:
+        raise InvalidUser("the signed-in user no longer exists; sign in again")
+    return await _request(db, user, desktop_type, limits, instance)
+
+
+def _requestable(types: Mapping[str, DesktopType], type_name: object, can_run_images: bool) -> DesktopType:
     desktop_type = types.get(type_name) if isinstance(type_name, str) else None
     if desktop_type is None:
         known = ", ".join(sorted(types)) or "none are configured"
@@ -204,7 +262,16 @@ async def request_desktop(
             f"desktop type {desktop_type.name!r} runs a container image, and the gateway cannot reach "
             "its Docker engine right now; try again later or ask the school's IT"
         )
-    user = await ensure_user(db, username)
+    return desktop_type
+
+
+async def _request(
+    db: AsyncSession, user: User, desktop_type: DesktopType, limits: Limits, instance: str
+) -> Requested:
+    username = user.username
+    decision = await decide(db, person_of(user), desktop_type)
+    if not decision.allowed:
+        raise NotAllowed(decision.why)
     desktop = await _find(db, user.id, desktop_type.name)
     if desktop is not None and desktop.state in ACTIVE_STATES:
         running = desktop.state == DesktopState.RUNNING
@@ -319,7 +386,8 @@ async def get_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
 async def list_desktops(db: AsyncSession, raw_user: object | None = None) -> list[DesktopView]:
     query = select(Desktop, User.username).join(User, User.id == Desktop.user_id).order_by(Desktop.created_at)
     if raw_user is not None:
-        query = query.where(User.username == normalise_username(raw_user))
+        name = normalise_username(raw_user)
+        query = query.where((User.account_name == name) | (User.username == name))
     return [DesktopView.of(d, u) for d, u in (await db.execute(query)).all()]
 
 
@@ -363,6 +431,7 @@ class RelayTarget:
     owner_id: int
     state: DesktopState
     target: Target | None
+    desktop_type: str = ""
 
 
 async def find_by_name(db: AsyncConnection | AsyncSession, name: str) -> RelayTarget | None:
@@ -378,6 +447,7 @@ async def find_by_name(db: AsyncConnection | AsyncSession, name: str) -> RelayTa
                 Desktop.endpoint,
                 Desktop.vnc_username,
                 Desktop.vnc_password,
+                Desktop.desktop_type,
             ).where(Desktop.name == name)
         )
     ).one_or_none()
@@ -386,7 +456,9 @@ async def find_by_name(db: AsyncConnection | AsyncSession, name: str) -> RelayTa
     target = None
     if desktop.endpoint is not None:
         target = Target(url=desktop.endpoint, username=desktop.vnc_username, password=desktop.vnc_password)
-    return RelayTarget(desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target)
+    return RelayTarget(
+        desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target, desktop.desktop_type
+    )
 
 
 async def touch(db: AsyncSession, desktop_id: str, when: dt.datetime) -> None:

@@ -21,13 +21,15 @@ from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
 from desktop_gateway.desktops import settle_endpoint_desktops, sync_desktop_types
 from desktop_gateway.events import DesktopEvents
-from desktop_gateway.identity import SessionCodec
+from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import ContainerRuntime
 from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.sessionwatch import watch_sessions
 from desktop_gateway.settings import Settings
+from desktop_gateway.signin import Provider
 from desktop_gateway.upstream import unverified_tls
 
 log = logging.getLogger("desktop_gateway")
@@ -56,7 +58,10 @@ class Gateway:
     events: DesktopEvents
     launcher: Launcher
     key_usage: KeyUsage
+    session_usage: SessionUsage
+    provider: Provider | None = None
     maintenance: asyncio.Task[None] | None = None
+    session_watch: asyncio.Task[None] | None = None
 
     @property
     def has_image_types(self) -> bool:
@@ -116,7 +121,9 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             engine=engine,
             sessions=sessions,
             desktop_types=types,
-            codec=SessionCodec(settings.secret_key.reveal(), settings.session_max_age),
+            codec=SessionCodec(
+                settings.secret_key.reveal(), settings.session_max_age, settings.session_idle_timeout
+            ),
             launch_tokens=LaunchTokens(settings.secret_key.reveal(), settings.launch_token_max_age),
             hub=hub,
             audit=audit,
@@ -125,6 +132,8 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             events=events,
             launcher=Launcher(settings, sessions, types, runtime, events, hub, audit),
             key_usage=KeyUsage(sessions),
+            session_usage=SessionUsage(sessions),
+            provider=Provider(settings.oidc) if settings.oidc is not None else None,
         )
         gateway.audit.start()
         _LIVE.add(gateway)
@@ -133,17 +142,23 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
                 await gateway.launcher.reconcile()
             if maintain:
                 gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
+            gateway.session_watch = asyncio.create_task(
+                watch_sessions(sessions, hub, gateway.session_usage, gateway.codec.idle_timeout),
+                name="session watch",
+            )
             yield gateway
         finally:
             _LIVE.discard(gateway)
-            if gateway.maintenance is not None:
-                gateway.maintenance.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gateway.maintenance
+            for task in (gateway.maintenance, gateway.session_watch):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await gateway.launcher.close()
             await gateway.going_away()
             await gateway.audit.close()
             await gateway.key_usage.close()
+            await gateway.session_usage.close()
             await gateway.assets.aclose()
             await gateway.runtime.close()
     finally:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from desktop_gateway import closepolicy, desktops, retention
 from desktop_gateway.audit import AuditLog
-from desktop_gateway.db.models import BrowserSession, Desktop, DesktopState, User, utcnow
+from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.events import DesktopEvents
 from desktop_gateway.relayhub import RelayHub
@@ -85,6 +85,16 @@ class Launcher:
         self._probe = httpx.AsyncClient(verify=unverified_tls(), timeout=httpx.Timeout(5.0), trust_env=False)
 
     # --- starting -------------------------------------------------------------------------------
+
+    def launch(self, requested: desktops.Requested) -> None:
+        """Start a requested desktop if this request is the one that must (see ``request_desktop``)."""
+        view = requested.view
+        if requested.needs_start:
+            self.events.publish(view.id, "requested", "the desktop was requested", "starting")
+            self.start_in_background(view.id)
+            self.audit.record("start", view.user, view.name, f"{view.desktop_type}: starting")
+        elif not requested.already_running and view.state == DesktopState.RUNNING:
+            self.audit.record("start", view.user, view.name, f"{view.desktop_type}: endpoint")
 
     def start_in_background(self, desktop_id: str) -> None:
         if desktop_id not in self._starts:
@@ -390,9 +400,9 @@ class Launcher:
                 await self.stop(row.id, reason)
 
     async def sweep_relays(self) -> None:
-        """End relays whose desktop stopped or whose session ended in another worker process.
+        """End relays whose desktop stopped in another worker process (sessions: see sessionwatch).
 
-        A stop or sign-out ends the relays of the process that handled it at once; this catches the rest.
+        A stop ends the relays of the process that handled it at once; this catches the rest.
         """
         handles = list(self.hub)
         if not handles:
@@ -408,22 +418,9 @@ class Launcher:
                     )
                 ).scalars()
             )
-            live = set(
-                (
-                    await db.execute(
-                        select(BrowserSession.id).where(
-                            BrowserSession.id.in_({h.session_id for h in handles}),
-                            BrowserSession.revoked_at.is_(None),
-                            BrowserSession.expires_at > utcnow(),
-                        )
-                    )
-                ).scalars()
-            )
         for handle in handles:
             if handle.desktop_id not in running:
                 handle.stop(closepolicy.DESKTOP_STOPPED)
-            elif handle.session_id not in live:
-                handle.stop(closepolicy.SIGNED_OUT)
 
     async def purge_expired(self) -> None:
         """Delete expired sessions, used launch tokens past their lifetime and audit events past retention."""

@@ -88,6 +88,13 @@ class RelayHub:
             handle.stop(close)
         return len(handles)
 
+    def stop_user(self, username: str, close: Close) -> int:
+        """End every relay of one user (blocked)."""
+        handles = [h for h in self if h.username == username]
+        for handle in handles:
+            handle.stop(close)
+        return len(handles)
+
     def stop_all(self, close: Close) -> int:
         handles = list(self)
         for handle in handles:

@@ -181,6 +181,17 @@ def _announce(settings: Settings, host: str, port: int, workers: int) -> None:
             "no desktop types configured: set DESKTOP_GATEWAY_DESKTOP_TYPES to a TOML file "
             "(see desktop-types.example.toml)"
         )
+    if settings.oidc is not None:
+        log.info("sign-in: OpenID Connect with %s (client %s)", settings.oidc.issuer, settings.oidc.client_id)
+    else:
+        log.info(
+            "sign-in: not configured (DESKTOP_GATEWAY_OIDC_ISSUER is not set): people enter through the "
+            "portal's launch links only"
+        )
+    if settings.dev_login:
+        log.warning(
+            "DESKTOP_GATEWAY_DEV_LOGIN is on: anyone can sign in as anyone at /dev-login; never for a school"
+        )
     if settings.public_url is None:
         log.warning(
             "DESKTOP_GATEWAY_PUBLIC_URL is not set: launch links and the Origin check use the "

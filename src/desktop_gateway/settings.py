@@ -54,6 +54,23 @@ class Secret:
         return hash(self._value)
 
 
+DEFAULT_OIDC_SCOPES = "openid profile email groups roles uuid"  # what IServ offers
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OidcSettings:
+    """The school's OpenID Connect provider (IServ): found through its discovery document."""
+
+    issuer: str
+    client_id: str
+    client_secret: Secret
+    scopes: str = DEFAULT_OIDC_SCOPES
+
+    @property
+    def discovery_url(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     database_url: Secret
@@ -85,6 +102,11 @@ class Settings:
     log_format: str = "text"
     max_connections: int = 4000
     asset_timeout: int = 60
+    session_idle_timeout: int = 2 * 3600
+    oidc: OidcSettings | None = None
+    admin_groups: frozenset[str] = frozenset()
+    teacher_groups: frozenset[str] = frozenset()
+    dev_login: bool = False
 
     @property
     def database_url_for_display(self) -> str:
@@ -194,6 +216,47 @@ def _docker_tls(env: Mapping[str, str], errors: list[str]) -> tuple[Path, Path, 
     return (paths[0], paths[1], paths[2])
 
 
+def _names(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """A comma-separated list of group or role names, compared case-insensitively."""
+    return frozenset(n.strip().lower() for n in env.get(PREFIX + name, "").split(",") if n.strip())
+
+
+def _oidc(env: Mapping[str, str], errors: list[str]) -> OidcSettings | None:
+    issuer = env.get(PREFIX + "OIDC_ISSUER", "").strip()
+    client_id = env.get(PREFIX + "OIDC_CLIENT_ID", "").strip()
+    client_secret = env.get(PREFIX + "OIDC_CLIENT_SECRET", "")
+    if not issuer:
+        if client_id or client_secret:
+            errors.append(f"{PREFIX}OIDC_CLIENT_ID/_SECRET are set but {PREFIX}OIDC_ISSUER is not")
+        return None
+    parts = urlsplit(issuer)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        errors.append(
+            f"{PREFIX}OIDC_ISSUER: expected an address like https://school.iserv.de, got {issuer!r}"
+        )
+    if not client_id or not client_secret:
+        errors.append(
+            f"{PREFIX}OIDC_CLIENT_ID and _SECRET: both are needed with {PREFIX}OIDC_ISSUER; the "
+            "provider shows them when this gateway is registered with it as an OpenID Connect client"
+        )
+    scopes = " ".join(env.get(PREFIX + "OIDC_SCOPES", "").split()) or DEFAULT_OIDC_SCOPES
+    if "openid" not in scopes.split():
+        errors.append(f"{PREFIX}OIDC_SCOPES: must include openid, got {scopes!r}")
+    return OidcSettings(
+        issuer=issuer, client_id=client_id, client_secret=Secret(client_secret), scopes=scopes
+    )
+
+
+def _flag(env: Mapping[str, str], name: str, errors: list[str]) -> bool:
+    raw = env.get(PREFIX + name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    errors.append(f"{PREFIX}{name}: 1 or 0, got {raw!r}")
+    return False
+
+
 def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = None) -> Settings:
     """Build :class:`Settings` from ``env`` (default ``os.environ``); raise :class:`SettingsError`."""
     env = os.environ if env is None else env
@@ -290,7 +353,17 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         log_format=log_format,
         max_connections=_int(env, "MAX_CONNECTIONS", 4000, errors, minimum=10),
         asset_timeout=_int(env, "ASSET_TIMEOUT", 60, errors, minimum=1),
+        session_idle_timeout=_int(env, "SESSION_IDLE_TIMEOUT", 2 * 3600, errors, minimum=60),
+        oidc=_oidc(env, errors),
+        admin_groups=_names(env, "ADMIN_GROUPS"),
+        teacher_groups=_names(env, "TEACHER_GROUPS"),
+        dev_login=_flag(env, "DEV_LOGIN", errors),
     )
+    if settings.dev_login and settings.secure_cookies:
+        errors.append(
+            f"{PREFIX}DEV_LOGIN: signs anyone in as anyone, so it is refused when {PREFIX}PUBLIC_URL "
+            "is https (a real deployment); unset it"
+        )
     if errors:
         raise SettingsError("the configuration has problems:\n" + "\n".join(f"  - {e}" for e in errors))
     return settings

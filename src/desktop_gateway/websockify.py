@@ -17,7 +17,8 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from desktop_gateway import closepolicy, desktops, logs, upstream
+from desktop_gateway import closepolicy, desktops, grants, logs, upstream
+from desktop_gateway.access import Decision
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
@@ -130,6 +131,10 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         # The same sentence as for a missing desktop: names are guessable, ownership is not to be probed.
         await deny(closepolicy.NO_SUCH_DESKTOP, "desktop belongs to another user")
         return
+    decision = await _decide(gateway, identity, found.desktop_type)
+    if not decision.allowed:
+        await deny(closepolicy.NOT_ALLOWED_TYPE, f"type {found.desktop_type} not allowed")
+        return
     if found.state == DesktopState.STARTING:
         await deny(closepolicy.STILL_STARTING, "desktop is still starting")
         return
@@ -228,6 +233,11 @@ async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
     # Not inline: the relay's frame lives for hours and would keep the finished session alive.
     async with gateway.engine.connect() as db:
         return await desktops.find_by_name(db, name)
+
+
+async def _decide(gateway: Gateway, identity: Identity, type_name: str) -> Decision:
+    async with gateway.engine.connect() as db:
+        return await grants.decide_by_name(db, identity.person, gateway.desktop_types, type_name)
 
 
 def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> None:

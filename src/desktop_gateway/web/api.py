@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,11 +17,11 @@ from desktop_gateway.desktops import DesktopError, DesktopView, Limits, OverLimi
 from desktop_gateway.events import DesktopEvent
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.runtime import RuntimeFailure
+from desktop_gateway.web.bodies import read_json
 from desktop_gateway.web.openapi import OPENAPI
 from desktop_gateway.web.problems import problem
 
 log = logging.getLogger("desktop_gateway.api")
-MAX_BODY = 16 * 1024
 
 Handler = Callable[[Request, Gateway], Awaitable[Response]]
 
@@ -73,31 +72,8 @@ def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-async def _read_json(request: Request) -> dict[str, Any] | Response:
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        return problem(415, "Unsupported media type", "send the body as application/json")
-    too_large = problem(413, "Body too large", f"the body may be at most {MAX_BODY} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        return too_large
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            return too_large
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return problem(400, "Malformed JSON", "the body is not valid JSON")
-    except RecursionError:  # a few kilobytes of brackets nest deeper than Python's parser recurses
-        return problem(400, "Malformed JSON", "the body nests arrays or objects too deeply")
-    if not isinstance(data, dict):
-        return problem(400, "Malformed request", "the body must be a JSON object")
-    return data
-
-
 async def create_desktop(request: Request, gateway: Gateway) -> Response:
-    data = await _read_json(request)
+    data = await read_json(request)
     if isinstance(data, Response):
         return data
     missing = [k for k in ("user", "desktop_type") if k not in data]
@@ -122,12 +98,7 @@ async def create_desktop(request: Request, gateway: Gateway) -> Response:
         )
         await db.commit()
     view = requested.view
-    if requested.needs_start:
-        gateway.events.publish(view.id, "requested", "the desktop was requested", "starting")
-        gateway.launcher.start_in_background(view.id)
-        gateway.audit.record("start", view.user, view.name, f"{view.desktop_type}: starting")
-    elif not requested.already_running and view.state == DesktopState.RUNNING:
-        gateway.audit.record("start", view.user, view.name, f"{view.desktop_type}: endpoint")
+    gateway.launcher.launch(requested)
     launch = gateway.launch_tokens.issue(requested.user_id, view.name)
     status = 200 if view.state == DesktopState.RUNNING else 202
     return JSONResponse(

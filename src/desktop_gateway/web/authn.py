@@ -6,11 +6,16 @@ and ``/websockify`` is exactly what must be guarded.
 
 from __future__ import annotations
 
+import contextvars
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity, cookie_from_header, identify
+
+# Whether the development sign-in is on, for the pages of the request being served to show a banner.
+dev_login_on: contextvars.ContextVar[bool] = contextvars.ContextVar("dev_login_on", default=False)
 
 
 class BrowserIdentity:
@@ -21,6 +26,7 @@ class BrowserIdentity:
         if scope["type"] in ("http", "websocket"):
             scope["identity"] = None
             gateway: Gateway = scope["state"]["gateway"]
+            dev_login_on.set(gateway.settings.dev_login)
             cookie = cookie_from_header(Headers(scope=scope).get("cookie"), gateway.settings.secure_cookies)
             if cookie is not None:
                 scope["identity"] = await _identify(gateway, cookie)
@@ -31,4 +37,7 @@ async def _identify(gateway: Gateway, cookie: str) -> Identity | None:
     # A function of its own so that the database session is not kept alive by the caller's frame, which
     # lives as long as the request (hours for a relay).
     async with gateway.engine.connect() as db:
-        return await identify(db, gateway.codec, cookie)
+        who = await identify(db, gateway.codec, cookie)
+    if who is not None and gateway.session_usage.due(who.session_id, who.last_seen_at):
+        gateway.session_usage.seen([who.session_id])
+    return who

@@ -20,6 +20,7 @@ from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
 from desktop_gateway.origins import origin_allowed
+from desktop_gateway.web.authn import dev_login_on
 
 log = logging.getLogger("desktop_gateway.pages")
 _templates = Environment(
@@ -28,7 +29,7 @@ _templates = Environment(
 )
 # Pages carry a signed-in session: keep them out of caches and out of frames (a framed launch page could
 # be clicked through by another site), and let them load nothing but the gateway's own resources.
-_PAGE_HEADERS = {
+PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
@@ -57,8 +58,8 @@ def page_policy(nonce: str) -> str:
 
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
     nonce = secrets.token_urlsafe(16)
-    html = _templates.get_template(template).render(csp_nonce=nonce, **context)
-    headers = {**_PAGE_HEADERS, "Content-Security-Policy": page_policy(nonce)}
+    html = _templates.get_template(template).render(csp_nonce=nonce, dev_login=dev_login_on.get(), **context)
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": page_policy(nonce)}
     return HTMLResponse(html, status_code=status, headers=headers)
 
 
@@ -148,7 +149,7 @@ async def confirm_launch(request: Request) -> Response:
         cookie = await identity.start_session(db, gateway.codec, grant.user_id)
         await db.commit()
     gateway.audit.record("login", None, grant.desktop_name, f"user id {grant.user_id} by launch token")
-    response = RedirectResponse(f"/desktop/{grant.desktop_name}", status_code=303, headers=_PAGE_HEADERS)
+    response = RedirectResponse(f"/desktop/{grant.desktop_name}", status_code=303, headers=PAGE_HEADERS)
     response.headers["Set-Cookie"] = identity.session_cookie_header(
         cookie, gateway.codec.max_age, gateway.settings.secure_cookies
     )
@@ -188,13 +189,13 @@ async def desktop_status(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
     if who is None:
-        return JSONResponse({"error": "not signed in"}, status_code=401, headers=_PAGE_HEADERS)
+        return JSONResponse({"error": "not signed in"}, status_code=401, headers=PAGE_HEADERS)
     async with gateway.sessions() as db:
         desktop = (
             await db.execute(select(Desktop).where(Desktop.name == request.path_params["name"]))
         ).scalar()
     if desktop is None or desktop.user_id != who.user_id:
-        return JSONResponse({"error": "no such desktop"}, status_code=404, headers=_PAGE_HEADERS)
+        return JSONResponse({"error": "no such desktop"}, status_code=404, headers=PAGE_HEADERS)
     body: dict[str, object] = {
         "state": desktop.state,
         "failure_reason": desktop.failure_reason,
@@ -212,10 +213,11 @@ async def desktop_status(request: Request) -> Response:
             when, why = deadline
             body["stops_at"], body["stop_reason"] = when.isoformat(), why
             body["warning"] = (when - utcnow()).total_seconds() <= gateway.settings.idle_warning
-    return JSONResponse(body, headers=_PAGE_HEADERS)
+    return JSONResponse(body, headers=PAGE_HEADERS)
 
 
 async def logout(request: Request) -> Response:
+    """Sign out: end the session (and its relays), then sign out at the provider too when it offers it."""
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
     if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
@@ -223,15 +225,24 @@ async def logout(request: Request) -> Response:
         origin = request.headers.get("origin")
         log.warning("logout refused: user=%s origin=%.100r", who.username if who else "-", origin)
         gateway.audit.record("deny", who.username if who else None, None, f"logout from origin {origin!r}")
-        return PlainTextResponse(FOREIGN_ORIGIN, status_code=403, headers=_PAGE_HEADERS)
+        return PlainTextResponse(FOREIGN_ORIGIN, status_code=403, headers=PAGE_HEADERS)
+    id_token = None
     if who is not None:
         async with gateway.sessions() as db:
-            await identity.end_session(db, who.session_id)
+            id_token = await identity.end_session(db, who.session_id)
             await db.commit()
         gateway.hub.stop_session(who.session_id, closepolicy.SIGNED_OUT)
         gateway.audit.record("logout", who.username, None, None)
+    cleared = identity.cleared_cookie_header(gateway.settings.secure_cookies)
+    if id_token is not None and gateway.provider is not None:
+        base = gateway.settings.public_url or str(request.base_url).rstrip("/")
+        url = await gateway.provider.end_session_url(id_token, base + "/")
+        if url is not None:
+            response: Response = RedirectResponse(url, status_code=303, headers=PAGE_HEADERS)
+            response.headers["Set-Cookie"] = cleared
+            return response
     response = message(200, "Signed out", "You are signed out. You can close this tab.")
-    response.headers["Set-Cookie"] = identity.cleared_cookie_header(gateway.settings.secure_cookies)
+    response.headers["Set-Cookie"] = cleared
     return response
 
 

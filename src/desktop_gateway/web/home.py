@@ -1,0 +1,93 @@
+"""``/``: the signed-in person's desktop types and desktops (a landing page otherwise), and starting one.
+
+Only the types the person may use are listed; starting asks the same rules again (a form can be posted
+for any type).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from desktop_gateway import desktops, grants
+from desktop_gateway.db.models import Desktop
+from desktop_gateway.desktops import DesktopError, Limits
+from desktop_gateway.gateway import Gateway
+from desktop_gateway.identity import Identity
+from desktop_gateway.origins import origin_allowed
+from desktop_gateway.web.pages import PAGE_HEADERS, message, render
+
+log = logging.getLogger("desktop_gateway.pages")
+
+
+async def home(request: Request) -> Response:
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    if who is None:
+        return render("home.html", person=None, sign_in=gateway.provider is not None)
+    async with gateway.sessions() as db:
+        usable = await grants.usable_types(db, who.person, gateway.desktop_types)
+        mine = {
+            row.desktop_type: row
+            for row in (
+                await db.execute(
+                    select(Desktop.desktop_type, Desktop.name, Desktop.state).where(
+                        Desktop.user_id == who.user_id
+                    )
+                )
+            ).all()
+        }
+    types = [
+        {
+            "name": t.name,
+            "title": t.title,
+            "state": mine[t.name].state if t.name in mine else "stopped",
+            "desktop_name": mine[t.name].name if t.name in mine else None,
+        }
+        for t in usable
+    ]
+    person = {"username": who.username, "display_name": who.display_name, "role": who.role.value}
+    return render("home.html", person=person, types=types)
+
+
+async def start(request: Request) -> Response:
+    """Start (or find) the signed-in person's desktop of a type and go to its viewer."""
+    gateway: Gateway = request.state.gateway
+    who: Identity | None = request.scope.get("identity")
+    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
+        return message(403, "Cannot start the desktop", "Start desktops from this gateway's own page.")
+    if who is None:
+        return message(401, "Not signed in", "Sign in first.")
+    type_name = request.path_params["type_name"]
+    desktop_type = gateway.desktop_types.get(type_name)
+    can_run = desktop_type is not None and not desktop_type.is_static and await gateway.docker_reachable()
+    settings = gateway.settings
+    try:
+        async with gateway.sessions() as db:
+            requested = await desktops.request_desktop_for(
+                db,
+                gateway.desktop_types,
+                who.user_id,
+                type_name,
+                limits=Limits(settings.max_desktops_per_user, settings.max_desktops),
+                instance=settings.instance,
+                can_run_images=can_run,
+            )
+            await db.commit()
+    except DesktopError as exc:
+        if isinstance(exc, desktops.NotAllowed):
+            gateway.audit.record("deny", who.username, None, f"{type_name}: {exc}")
+        sentence = str(exc)
+        return message(exc.status, "Cannot start the desktop", sentence[:1].upper() + sentence[1:])
+    gateway.launcher.launch(requested)
+    return RedirectResponse(f"/desktop/{requested.view.name}", status_code=303, headers=PAGE_HEADERS)
+
+
+routes = [
+    Route("/", home, methods=["GET"]),
+    Route("/start/{type_name}", start, methods=["POST"]),
+]
