@@ -116,7 +116,7 @@ def test_claims_prefer_iservs_uuid_over_sub() -> None:
 
 def _session(**changes: object) -> SimpleNamespace:
     now = dt.datetime(2026, 12, 2, 8, 0, tzinfo=dt.UTC)
-    row = {
+    row: dict[str, object] = {
         "created_at": now - dt.timedelta(hours=1),
         "expires_at": now + dt.timedelta(hours=1),
         "revoked_at": None,

@@ -12,7 +12,6 @@ import dataclasses
 import secrets
 import socket
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from authlib.integrations.starlette_client import OAuth, OAuthError
 from joserfc.errors import BadSignatureError, InvalidClaimError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -44,11 +44,6 @@ from oidctest import (
     sign_in,
     sign_out_at_provider,
 )
-
-with warnings.catch_warnings():
-    # authlib 1.9.10 warns at import when it falls back to httpx (it prefers the httpx2 package).
-    warnings.filterwarnings("ignore", "The httpx module is deprecated", DeprecationWarning)
-    from authlib.integrations.starlette_client import OAuth, OAuthError  # type: ignore[import-untyped]
 
 KATE_GROUPS = {
     "4711": {"act": "klasse-7a", "name": "Klasse 7a"},
