@@ -17,7 +17,8 @@ from sqlalchemy.engine import make_url
 
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine
-from gatewaytest import ASGI_SERVERS, SERVE, RunningGateway, start_gateway_on
+from gatewaytest import ASGI_SERVERS, SERVE, RunningGateway, missing_real_component, start_gateway_on
+from oidctest import OidcProvider, OidcProviderMissing, oidc_provider_process
 
 POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 
@@ -125,15 +126,34 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def listening_socket() -> socket.socket:
+    """A socket listening on a free loopback port, for a gateway to serve on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+@pytest.fixture(scope="session")
+def oidc_provider() -> Iterator[OidcProvider]:
+    """The tests' OpenID Connect provider (oidc-provider on Node), one process for the whole run; accounts
+    and clients are per test."""
+    try:
+        with oidc_provider_process() as provider:
+            yield provider
+    except OidcProviderMissing as exc:
+        missing_real_component(str(exc))
+
+
 @pytest.fixture
 async def start_gateway(database_url: str, tmp_path: Path, asgi_server: str) -> AsyncIterator[StartGateway]:
     """Start gateways on loopback with the given desktop types; all are shut down after the test."""
     running: list[RunningGateway] = []
 
-    async def start(types_toml: str = "", **env: str) -> RunningGateway:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
+    async def start(types_toml: str = "", sock: socket.socket | None = None, **env: str) -> RunningGateway:
+        """``sock``: a listening socket bound beforehand, when the gateway's address must be known before
+        it starts (to register it with the sign-in provider)."""
+        sock = sock or listening_socket()
         gateway = await start_gateway_on(
             sock, database_url, tmp_path / f"gw{len(running)}", types_toml, env, ASGI_SERVERS[asgi_server]
         )

@@ -122,6 +122,8 @@ class Provider:
 
 
 def _describe(exc: BaseException) -> str:
-    """An error in a line, without anything a provider echoed back at length (never a token)."""
-    text = getattr(exc, "description", None) or getattr(exc, "error", None) or str(exc)
-    return f"{type(exc).__name__}: {str(text).splitlines()[0][:200] if text else ''}"
+    """An error in a line: its class, and the provider's error code and description when it sent them
+    (``invalid_grant: grant request is invalid``); cut short, and never a token."""
+    said = [str(part) for part in (getattr(exc, "error", None), getattr(exc, "description", None)) if part]
+    text = ": ".join(dict.fromkeys(said)) or str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
