@@ -83,6 +83,7 @@ class RunningGateway:
     server: AsgiServer
     shut_down: Callable[[], Awaitable[None]]
     api_key: str = ""
+    api_key_name: str = ""
 
     @property
     def gateway(self) -> Gateway:
@@ -225,18 +226,26 @@ async def start_gateway_on(
     running = RunningGateway(
         base_url=base_url, app=app, task=task, settings=settings, server=server, shut_down=shut
     )
-    # Connections wait in the listen backlog until the lifespan has run: this request is the readiness wait.
-    async with httpx.AsyncClient(base_url=base_url) as client:
-        ready = asyncio.create_task(client.get("/healthz"))
-        await asyncio.wait((ready, task), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()  # the server's own error
-            raise AssertionError(f"{server.name} ended before it answered")
-        assert (await ready).status_code == 200
-    async with running.gateway.sessions() as db:
-        running.api_key = await apikeys.create_api_key(db, "test portal")
-        await db.commit()
+    try:
+        # Connections wait in the listen backlog until the lifespan has run: this request is the readiness
+        # wait.
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            ready = asyncio.create_task(client.get("/healthz"))
+            await asyncio.wait((ready, task), return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                ready.cancel()
+                task.result()  # the server's own error
+                raise AssertionError(f"{server.name} ended before it answered")
+            assert (await ready).status_code == 200
+        async with running.gateway.sessions() as db:
+            running.api_key_name = f"test portal {port}"  # gateways of one test share a database
+            running.api_key = await apikeys.create_api_key(db, running.api_key_name)
+            await db.commit()
+    except BaseException:
+        # A server left running would keep the test's event loop from closing (and hide this error).
+        if not task.done():
+            await running.stop()
+        raise
     return running
 
 

@@ -69,7 +69,7 @@ async def test_api_reads_answer_while_the_database_is_write_locked(start_gateway
 
 async def key_last_used(gw: RunningGateway) -> object:
     async with gw.gateway.sessions() as db:
-        return (await db.execute(select(ApiKey.last_used_at).where(ApiKey.name == "test portal"))).scalar()
+        return (await db.execute(select(ApiKey.last_used_at).where(ApiKey.name == gw.api_key_name))).scalar()
 
 
 async def test_api_key_use_is_recorded_at_most_once_a_minute(start_gateway: StartGateway) -> None:
