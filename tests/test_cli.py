@@ -101,7 +101,7 @@ def no_traceback(result: subprocess.CompletedProcess[str]) -> None:
 
 
 def test_help_lists_commands(tmp_path: Path) -> None:
-    """``--help`` exits 0 and names every command: serve, db, doctor and api-key."""
+    """``--help`` exits 0 and names every command: serve, db, doctor and api-key (create, list, revoke)."""
     result = run(tmp_path, "--help")
     assert result.returncode == 0, result.stderr
     for name in ("serve", "db", "doctor", "api-key", "DESKTOP_GATEWAY_"):
@@ -109,7 +109,11 @@ def test_help_lists_commands(tmp_path: Path) -> None:
     db = run(tmp_path, "db", "--help")
     assert "upgrade" in db.stdout
     key = run(tmp_path, "api-key", "--help")
-    assert "create" in key.stdout
+    for name in ("create", "list", "revoke"):
+        assert name in key.stdout
+    create = run(tmp_path, "api-key", "create", "--help")
+    for scope in ("--scope", "desktops:read", "desktops:write", "admin"):
+        assert scope in create.stdout
     serve = run(tmp_path, "serve", "--help")
     for option in ("--host", "--port", "--workers"):
         assert option in serve.stdout

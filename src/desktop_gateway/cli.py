@@ -1,17 +1,22 @@
-"""The ``desktop-gateway`` command: serve, db upgrade, doctor, api-key create."""
+"""The ``desktop-gateway`` command: serve, db upgrade, doctor, api-key create/list/revoke."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from desktop_gateway import __version__
+from desktop_gateway import __version__, apikeys
 from desktop_gateway.desktop_types import DesktopTypesError, load_desktop_types
 from desktop_gateway.logs import setup_logging
 from desktop_gateway.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger("desktop_gateway")
 
@@ -40,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = api_key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
     create = key_commands.add_parser("create", help="create a key and print it (once)")
     create.add_argument("name", help="what the key is for, e.g. iserv-portal")
+    create.add_argument(
+        "--scope",
+        action="append",
+        dest="scopes",
+        metavar="SCOPE",
+        help=f"what the key may do, one of {', '.join(apikeys.SCOPES)}; repeat for several "
+        f"(default: {' '.join(apikeys.DEFAULT_SCOPES)}). No scope implies another.",
+    )
+    key_commands.add_parser("list", help="list the keys: name, key id, scopes, created, last used, revoked")
+    revoke = key_commands.add_parser("revoke", help="revoke a key: every request with it is refused at once")
+    revoke.add_argument("name", help="the key's name, as `api-key list` shows it")
     return parser
 
 
@@ -86,7 +102,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from desktop_gateway.doctor import doctor
 
         return asyncio.run(doctor(settings))
-    return asyncio.run(_create_api_key(settings, args.name))
+    if args.key_command == "create":
+        return asyncio.run(_create_api_key(settings, args.name, args.scopes or apikeys.DEFAULT_SCOPES))
+    if args.key_command == "list":
+        return asyncio.run(_list_api_keys(settings))
+    return asyncio.run(_revoke_api_key(settings, args.name))
 
 
 async def _db_upgrade(settings: Settings) -> int:
@@ -109,8 +129,34 @@ async def _db_upgrade(settings: Settings) -> int:
     return 0
 
 
-async def _create_api_key(settings: Settings, name: str) -> int:
-    from desktop_gateway import apikeys
+def _when(moment: dt.datetime | None, otherwise: str) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment is not None else otherwise
+
+
+def key_table(keys: Sequence[apikeys.KeyView]) -> str:
+    """The keys as a table with a header row, columns padded to their widest cell: no secret, no hash."""
+    rows = [("NAME", "KEY ID", "SCOPES", "CREATED", "LAST USED", "REVOKED")]
+    rows += [
+        (
+            key.name,
+            key.key_id,
+            " ".join(key.scopes),
+            _when(key.created_at, "-"),
+            _when(key.last_used_at, "never"),
+            _when(key.revoked_at, "active"),
+        )
+        for key in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def _with_keys(settings: Settings, action: Callable[[AsyncSession], Awaitable[tuple[str, str]]]) -> int:
+    """Run ``action`` in one session on the configured database and commit; then print what it returned
+    (for stdout, for stderr), so nothing claims success before the change is stored. A refused action
+    is exit 2 with its sentence."""
     from desktop_gateway.db.engine import create_engine, session_factory
     from desktop_gateway.gateway import SchemaOutdated, prepare_database
 
@@ -118,20 +164,46 @@ async def _create_api_key(settings: Settings, name: str) -> int:
     try:
         await prepare_database(settings, engine)
         async with session_factory(engine)() as db:
-            key = await apikeys.create_api_key(db, name)
+            out, err = await action(db)
             await db.commit()
-    except SchemaOutdated as exc:
-        print(f"desktop-gateway: {exc}", file=sys.stderr)
-        return 2
-    except apikeys.ApiKeyNameError as exc:
+    except (SchemaOutdated, apikeys.ApiKeyError) as exc:
         print(f"desktop-gateway: {exc}", file=sys.stderr)
         return 2
     finally:
         await engine.dispose()
-    print(key)
-    print(
-        f"This is the only time the key {name!r} is shown: give it to the portal now "
-        "(Authorization: Bearer <key>).",
-        file=sys.stderr,
-    )
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
     return 0
+
+
+async def _create_api_key(settings: Settings, name: str, scopes: Sequence[str]) -> int:
+    async def create(db: AsyncSession) -> tuple[str, str]:
+        key = await apikeys.create_api_key(db, name, scopes)
+        return key, (
+            f"This is the only time the key {name!r} is shown: give it to the portal now "
+            f"(Authorization: Bearer <key>). Its scopes: {' '.join(apikeys.check_scopes(scopes))}."
+        )
+
+    return await _with_keys(settings, create)
+
+
+async def _list_api_keys(settings: Settings) -> int:
+    async def show(db: AsyncSession) -> tuple[str, str]:
+        keys = await apikeys.list_api_keys(db)
+        if not keys:
+            return "There are no API keys yet: create one with `desktop-gateway api-key create NAME`.", ""
+        return key_table(keys), ""
+
+    return await _with_keys(settings, show)
+
+
+async def _revoke_api_key(settings: Settings, name: str) -> int:
+    async def revoke(db: AsyncSession) -> tuple[str, str]:
+        earlier = await apikeys.revoke_api_key(db, name)
+        if earlier is None:
+            return f"Revoked the key {name!r}: every request with it is refused from now on.", ""
+        return f"The key {name!r} was already revoked on {_when(earlier, '')}; nothing changed.", ""
+
+    return await _with_keys(settings, revoke)

@@ -1,4 +1,5 @@
-"""The portal REST API under ``/api/v1``. Every endpoint needs ``Authorization: Bearer <api key>``."""
+"""The portal REST API under ``/api/v1``. Every endpoint needs ``Authorization: Bearer <api key>`` with a
+key that has the endpoint's scope (``desktops:read`` to look, ``desktops:write`` to change)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,25 @@ def _json(view: DesktopView, launch_url: str | None = None) -> dict[str, Any]:
     return body
 
 
-def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Authenticate the portal's API key, then run ``handler``; map use-case errors to problems."""
+def missing_scope(caller: apikeys.Caller, scope: str) -> Response:
+    """403 to a valid key without ``scope``: naming the scope and how to get a key that has it."""
+    return problem(
+        403,
+        "Missing scope",
+        f"the API key {caller.key_name!r} does not have the scope {scope!r}, which this call needs; "
+        f"create a key that has it with `desktop-gateway api-key create NAME --scope {scope}` "
+        "(repeat --scope for each scope the portal needs)",
+        headers={
+            "WWW-Authenticate": f'Bearer realm="desktop-gateway", error="insufficient_scope", scope="{scope}"'
+        },
+    )
+
+
+def portal_only(handler: Handler, scope: str) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate the portal's API key and require ``scope`` of it, then run ``handler``; map use-case
+    errors to problems. The key's row is read on every request, so a revoked key is refused at once."""
+    if scope not in apikeys.SCOPES:
+        raise ValueError(f"unknown scope {scope!r}: the scopes are {', '.join(apikeys.SCOPES)}")
 
     async def endpoint(request: Request) -> Response:
         gateway: Gateway = request.state.gateway
@@ -63,6 +81,8 @@ def portal_only(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
                 "create one with `desktop-gateway api-key create NAME`",
                 headers={"WWW-Authenticate": 'Bearer realm="desktop-gateway"'},
             )
+        if scope not in caller.scopes:
+            return missing_scope(caller, scope)
         try:
             return await handler(request, gateway)
         except DesktopError as exc:
@@ -200,10 +220,12 @@ async def openapi(request: Request) -> Response:
 
 routes = [
     Route("/api/v1/openapi.json", openapi, methods=["GET"]),
-    Route("/api/v1/desktops", portal_only(create_desktop), methods=["POST"]),
-    Route("/api/v1/desktops", portal_only(list_all), methods=["GET"]),
-    Route("/api/v1/desktops/{desktop_id}", portal_only(get_one), methods=["GET"]),
-    Route("/api/v1/desktops/{desktop_id}", portal_only(delete_one), methods=["DELETE"]),
-    Route("/api/v1/desktops/{desktop_id}/launch", portal_only(new_launch), methods=["POST"]),
-    Route("/api/v1/desktops/{desktop_id}/events", portal_only(events), methods=["GET"]),
+    Route("/api/v1/desktops", portal_only(create_desktop, "desktops:write"), methods=["POST"]),
+    Route("/api/v1/desktops", portal_only(list_all, "desktops:read"), methods=["GET"]),
+    Route("/api/v1/desktops/{desktop_id}", portal_only(get_one, "desktops:read"), methods=["GET"]),
+    Route("/api/v1/desktops/{desktop_id}", portal_only(delete_one, "desktops:write"), methods=["DELETE"]),
+    Route(
+        "/api/v1/desktops/{desktop_id}/launch", portal_only(new_launch, "desktops:write"), methods=["POST"]
+    ),
+    Route("/api/v1/desktops/{desktop_id}/events", portal_only(events, "desktops:read"), methods=["GET"]),
 ]

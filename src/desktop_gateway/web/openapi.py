@@ -1,4 +1,8 @@
-"""The OpenAPI document of the portal API, served at ``/api/v1/openapi.json``."""
+"""The OpenAPI document of the portal API, served at ``/api/v1/openapi.json``.
+
+Each operation names the key scope it needs in its ``security`` requirement (OpenAPI 3.1 lets any scheme
+list role names there), so a portal developer sees which key a call takes without reading the code.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,10 @@ from desktop_gateway import __version__
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 _ID = [{"name": "desktop_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def _needs(scope: str) -> list[dict[str, list[str]]]:
+    return [{"apiKey": [scope]}]
 
 
 def _desktop_response(description: str) -> dict[str, Any]:
@@ -28,6 +36,7 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/api/v1/desktops": {
             "post": {
+                "security": _needs("desktops:write"),
                 "summary": "Start a user's desktop of a type (idempotent: same user and type, same desktop)",
                 "requestBody": {
                     "required": True,
@@ -49,6 +58,7 @@ OPENAPI: dict[str, Any] = {
                     "202": _desktop_response("Starting"),
                     "400": _PROBLEM,
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "415": _PROBLEM,
                     "422": _PROBLEM,
                     "429": _PROBLEM,
@@ -56,6 +66,7 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "get": {
+                "security": _needs("desktops:read"),
                 "summary": "List desktops, optionally of one user",
                 "parameters": [
                     {"name": "user", "in": "query", "required": False, "schema": {"type": "string"}}
@@ -78,6 +89,7 @@ OPENAPI: dict[str, Any] = {
                         },
                     },
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "422": _PROBLEM,
                 },
             },
@@ -85,14 +97,22 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/desktops/{desktop_id}": {
             "parameters": _ID,
             "get": {
+                "security": _needs("desktops:read"),
                 "summary": "One desktop",
-                "responses": {"200": _desktop_response("The desktop"), "401": _PROBLEM, "404": _PROBLEM},
+                "responses": {
+                    "200": _desktop_response("The desktop"),
+                    "401": _PROBLEM,
+                    "403": _PROBLEM,
+                    "404": _PROBLEM,
+                },
             },
             "delete": {
+                "security": _needs("desktops:write"),
                 "summary": "Stop a desktop; connected browsers are closed with 1001",
                 "responses": {
                     "200": _desktop_response("Stopped"),
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "404": _PROBLEM,
                     "503": _PROBLEM,
                 },
@@ -101,10 +121,12 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/desktops/{desktop_id}/launch": {
             "parameters": _ID,
             "post": {
+                "security": _needs("desktops:write"),
                 "summary": "A fresh single-use launch URL (valid 60 seconds) for the desktop's user",
                 "responses": {
                     "200": _desktop_response("The desktop, with launch_url"),
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "404": _PROBLEM,
                 },
             },
@@ -112,6 +134,7 @@ OPENAPI: dict[str, Any] = {
         "/api/v1/desktops/{desktop_id}/events": {
             "parameters": _ID,
             "get": {
+                "security": _needs("desktops:read"),
                 "summary": "Progress as server-sent events; the stream ends once the desktop is running, "
                 "failed or stopped",
                 "responses": {
@@ -121,6 +144,7 @@ OPENAPI: dict[str, Any] = {
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "401": _PROBLEM,
+                    "403": _PROBLEM,
                     "404": _PROBLEM,
                 },
             },
@@ -131,7 +155,10 @@ OPENAPI: dict[str, Any] = {
             "apiKey": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "A key from `desktop-gateway api-key create NAME`",
+                "description": "A key from `desktop-gateway api-key create NAME [--scope SCOPE ...]`. "
+                "Scopes: desktops:read (list desktops, read one, follow its events), desktops:write "
+                "(start, stop, launch), admin (administration); none implies another. A key without an "
+                "operation's scope gets 403.",
             }
         },
         "schemas": {
