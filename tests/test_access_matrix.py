@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 import kasm_front
 from conftest import StartGateway
+from desktop_gateway import apikeys
 from desktop_gateway.db.models import AuditEvent, Desktop
 from desktop_gateway.identity import COOKIE_NAME
 from gatewaytest import RunningGateway, close_frame, static_type
@@ -279,3 +280,39 @@ async def test_sign_out_and_block_reach_the_relays_of_another_worker(
             assert await asyncio.wait_for(close_frame(ws), 2.0) == expected
         await student.aclose()
     await admin.aclose()
+
+
+async def test_the_admin_api_takes_an_admin_key_and_only_that(
+    gw: RunningGateway, people: dict[str, httpx.AsyncClient]
+) -> None:
+    """A key with the admin scope manages users and grants; a portal key for desktops gets 403; an
+    admin key cannot list what a person may use (that needs desktops:read)."""
+    async with gw.gateway.sessions() as db:
+        admin_key = await apikeys.create_api_key(db, "admin tool", ["admin"])
+        await db.commit()
+    async with gw.portal() as portal:
+        assert (await portal.get("/api/v1/users")).status_code == 403
+        assert (
+            await portal.post("/api/v1/grants", json={"desktop_type": "teachers", "user": "eve"})
+        ).status_code == 403
+    async with gw.portal(admin_key) as admin:
+        users = {u["username"]: u for u in (await admin.get("/api/v1/users")).json()["users"]}
+        assert users["kim"]["groups"] == [{"act": "7a", "name": "7a"}]
+        assert users["tom"]["role"] == "teacher"
+        granted = await admin.post("/api/v1/grants", json={"desktop_type": "teachers", "user": "eve"})
+        assert granted.status_code == 201, granted.text
+        assert (await admin.get("/api/v1/desktop-types", params={"user": "eve"})).status_code == 403
+        unknown = await admin.post("/api/v1/grants", json={"desktop_type": "teachers", "user": "nobody"})
+        assert unknown.status_code == 404
+        both = await admin.post(
+            "/api/v1/grants", json={"desktop_type": "teachers", "user": "eve", "group": "5b"}
+        )
+        assert both.status_code == 422
+    page = await people["eve"].get("/")
+    assert set(re.findall(r'action="/start/([a-z-]+)"', page.text)) == {"open", "teachers"}
+    await gw.gateway.audit.flush()
+    async with gw.gateway.sessions() as db:
+        details = list(
+            (await db.execute(select(AuditEvent.detail).where(AuditEvent.event == "grant"))).scalars()
+        )
+    assert "teachers to user eve by api key admin tool" in details

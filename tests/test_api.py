@@ -20,10 +20,10 @@ from starlette.routing import Route
 
 import kasm_front
 from conftest import StartGateway
-from desktop_gateway import launch
+from desktop_gateway import apikeys, launch
 from desktop_gateway.db.models import Desktop, User
 from desktop_gateway.identity import COOKIE_NAME
-from desktop_gateway.web import api
+from desktop_gateway.web import admin, api
 from desktop_gateway.web.openapi import OPENAPI
 from gatewaytest import RunningGateway, follow_launch_link, static_type
 
@@ -577,22 +577,36 @@ async def test_openapi_document(gw: RunningGateway) -> None:
 async def test_documented_operations_exist(gw: RunningGateway) -> None:
     """Every operation in the OpenAPI document is routed (answers neither 404-not-routed nor 405)."""
     desktop = await gw.start_desktop("anna", "lab")
-    async with gw.portal() as portal:
+    async with gw.gateway.sessions() as db:
+        key = await apikeys.create_api_key(db, "every scope", apikeys.SCOPES)
+        await db.commit()
+    bodies: dict[tuple[str, str], dict[str, Any]] = {
+        ("post", "/api/v1/desktops"): {"user": "anna", "desktop_type": "lab"},
+        ("post", "/api/v1/grants"): {"desktop_type": "lab", "group": "7a"},
+        ("patch", "/api/v1/users/{user_id}"): {"blocked": False},
+    }
+    async with gw.portal(key) as portal:
         doc = (await portal.get("/api/v1/openapi.json")).json()
+        users = (await portal.get("/api/v1/users")).json()["users"]
+        grant = (await portal.post("/api/v1/grants", json={"desktop_type": "lab", "group": "8b"})).json()
+        ids = {
+            "{desktop_id}": desktop["id"],
+            "{user_id}": str(users[0]["id"]),
+            "{grant_id}": str(grant["id"]),
+        }
         for path, item in doc["paths"].items():
             for method in set(item) - {"parameters"}:
-                url = path.replace("{desktop_id}", desktop["id"])
-                kwargs: dict[str, Any] = {}
-                if method == "post" and path == "/api/v1/desktops":
-                    kwargs["json"] = {"user": "anna", "desktop_type": "lab"}
-                response = await portal.request(method.upper(), url, **kwargs)
+                url = path
+                for placeholder, value in ids.items():
+                    url = url.replace(placeholder, value)
+                response = await portal.request(method.upper(), url, json=bodies.get((method, path)))
                 assert response.status_code < 400, f"{method} {path}: {response.status_code}"
 
 
 def test_every_api_route_is_documented() -> None:
     """Every route under /api/v1, with each of its methods, is in the OpenAPI document."""
     paths = OPENAPI["paths"]
-    for route in api.routes:
+    for route in [*api.routes, *admin.routes]:
         assert isinstance(route, Route)
         if route.path == "/api/v1/openapi.json":
             continue

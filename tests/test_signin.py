@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import re
 import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -40,9 +41,9 @@ def types_toml(port: int) -> str:
 
 
 @pytest.fixture
-async def kasm() -> kasm_front.KasmFront:
+async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
     async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
-        yield front  # type: ignore[misc]
+        yield front
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ async def caller_with(request: Request, gateway: Gateway, scope: str) -> str | R
                 headers={"WWW-Authenticate": 'Bearer realm="desktop-gateway"'},
             )
         gateway.key_usage.seen(key)
-        if scope not in key.scopes and "admin" not in key.scopes:
+        if scope not in key.scopes:
             return problem(
                 403,
                 "Forbidden",

@@ -11,11 +11,16 @@ from typing import Any
 from desktop_gateway import __version__
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
+_ADMIN = [{"apiKey": ["admin"]}, {"adminSession": []}]
 _ID = [{"name": "desktop_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
 def _needs(scope: str) -> list[dict[str, list[str]]]:
     return [{"apiKey": [scope]}]
+
+
+def _json_response(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
 def _desktop_response(description: str) -> dict[str, Any]:
@@ -149,6 +154,108 @@ OPENAPI: dict[str, Any] = {
                 },
             },
         },
+        "/api/v1/desktop-types": {
+            "get": {
+                "security": _needs("desktops:read"),
+                "summary": "The configured desktop types; with ?user=NAME only those that person may use",
+                "parameters": [
+                    {"name": "user", "in": "query", "required": False, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": _json_response("Desktop types: name, title, allowed_roles, allowed_groups"),
+                    "401": _PROBLEM,
+                    "403": _PROBLEM,
+                    "422": _PROBLEM,
+                },
+            },
+        },
+        "/api/v1/users": {
+            "get": {
+                "security": _ADMIN,
+                "summary": "Everyone known: role (and where it comes from), groups, last sign-in, blocked",
+                "responses": {"200": _json_response("Users"), "401": _PROBLEM, "403": _PROBLEM},
+            },
+        },
+        "/api/v1/users/{user_id}": {
+            "parameters": [
+                {"name": "user_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+            ],
+            "patch": {
+                "security": _ADMIN,
+                "summary": "Override a user's role (kept across sign-ins; null clears it) and/or block them "
+                "(signed out at once, desktops connections closed with 1008)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "role_override": {"enum": ["admin", "teacher", "student", None]},
+                                    "blocked": {"type": "boolean"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json_response("The user"),
+                    "401": _PROBLEM,
+                    "403": _PROBLEM,
+                    "404": _PROBLEM,
+                    "422": _PROBLEM,
+                },
+            },
+        },
+        "/api/v1/grants": {
+            "get": {
+                "security": _ADMIN,
+                "summary": "Desktop types given to groups or single users at runtime",
+                "responses": {"200": _json_response("Grants"), "401": _PROBLEM, "403": _PROBLEM},
+            },
+            "post": {
+                "security": _ADMIN,
+                "summary": "Give a desktop type to a group (its short name) or to one user",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["desktop_type"],
+                                "properties": {
+                                    "desktop_type": {"type": "string"},
+                                    "group": {"type": "string", "example": "7a"},
+                                    "user": {"type": "string", "example": "kate.meyer"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json_response("The grant"),
+                    "401": _PROBLEM,
+                    "403": _PROBLEM,
+                    "404": _PROBLEM,
+                    "422": _PROBLEM,
+                },
+            },
+        },
+        "/api/v1/grants/{grant_id}": {
+            "parameters": [
+                {"name": "grant_id", "in": "path", "required": True, "schema": {"type": "integer"}}
+            ],
+            "delete": {
+                "security": _ADMIN,
+                "summary": "Take a grant back",
+                "responses": {
+                    "200": _json_response("The removed grant"),
+                    "401": _PROBLEM,
+                    "403": _PROBLEM,
+                    "404": _PROBLEM,
+                },
+            },
+        },
     },
     "components": {
         "securitySchemes": {
@@ -159,7 +266,14 @@ OPENAPI: dict[str, Any] = {
                 "Scopes: desktops:read (list desktops, read one, follow its events), desktops:write "
                 "(start, stop, launch), admin (administration); none implies another. A key without an "
                 "operation's scope gets 403.",
-            }
+            },
+            "adminSession": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "dg_session",
+                "description": "A browser signed in as an admin (the cookie is __Host-dg_session behind "
+                "https). Its state changes must carry the gateway's own Origin.",
+            },
         },
         "schemas": {
             "Desktop": {
