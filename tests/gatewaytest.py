@@ -169,6 +169,19 @@ async def follow_launch_link(browser: httpx.AsyncClient, launch_url: str) -> htt
     return await browser.post(page.url.join(html.unescape(form.group(1))), headers={"Origin": origin})
 
 
+async def dev_sign_in(gw: RunningGateway, name: str, role: str, groups: str = "") -> httpx.AsyncClient:
+    """A browser signed in through the development sign-in form (posted from the gateway's origin)."""
+    browser = httpx.AsyncClient(base_url=gw.base_url)
+    response = await browser.post(
+        "/dev-login",
+        data={"name": name, "role": role, "groups": groups, "display_name": name.title()},
+        headers={"Origin": gw.base_url},
+    )
+    assert response.status_code == 303, response.text
+    assert browser.cookies.get(COOKIE_NAME)
+    return browser
+
+
 async def start_gateway_on(
     sock: socket.socket,
     database_url: str,

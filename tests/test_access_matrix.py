@@ -17,7 +17,7 @@ from conftest import StartGateway
 from desktop_gateway import apikeys
 from desktop_gateway.db.models import AuditEvent, Desktop
 from desktop_gateway.identity import COOKIE_NAME
-from gatewaytest import RunningGateway, close_frame, static_type
+from gatewaytest import RunningGateway, close_frame, dev_sign_in, static_type
 
 TIMEOUT = 10
 TYPES = ("open", "teachers", "robotics", "by-group", "by-user")
@@ -55,19 +55,6 @@ def types_toml(port: int) -> str:
 async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
     async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
         yield front
-
-
-async def dev_sign_in(gw: RunningGateway, name: str, role: str, groups: str = "") -> httpx.AsyncClient:
-    """A browser signed in through the development sign-in form (posted from the gateway's origin)."""
-    browser = httpx.AsyncClient(base_url=gw.base_url)
-    response = await browser.post(
-        "/dev-login",
-        data={"name": name, "role": role, "groups": groups, "display_name": name.title()},
-        headers={"Origin": gw.base_url},
-    )
-    assert response.status_code == 303, response.text
-    assert browser.cookies.get(COOKIE_NAME)
-    return browser
 
 
 async def grant(admin: httpx.AsyncClient, gw: RunningGateway, **body: str) -> int:

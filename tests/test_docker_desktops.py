@@ -23,7 +23,7 @@ from sqlalchemy import select
 from conftest import StartGateway
 from desktop_gateway.db.models import Desktop
 from desktop_gateway.runtime import LABEL_INSTANCE
-from gatewaytest import RunningGateway, close_frame, missing_real_component
+from gatewaytest import RunningGateway, close_frame, dev_sign_in, missing_real_component
 
 IMAGE = os.environ.get("DESKTOP_GATEWAY_TEST_IMAGE", "desktop-gateway/standin-desktop:latest")
 WAIT = 120  # seconds a test waits for desktops to come up on a busy 2-core machine
@@ -444,3 +444,27 @@ async def test_type_env_limits_and_extra_mounts_reach_the_container(
         stderr=asyncio.subprocess.DEVNULL,
     )
     assert await process.wait() != 0, "the shared folder is read-only"
+
+
+async def test_the_first_sign_in_keeps_a_portal_users_home(
+    start_gateway: StartGateway, docker_image: str, instance: str
+) -> None:
+    """A desktop the portal started by name before sign-in existed: after its user first signs in (here
+    through the development sign-in, which matches users as the provider's does), the desktop they start
+    mounts the same home volume, with the file they left in it."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance, dev_login="1")
+    desktop = (await request(gw, "lena", "standin")).json()
+    await wait_for_state(gw, desktop["id"], ("running",))
+    [container] = await containers_of(instance)
+    await docker_cli("exec", container["Id"], "sh", "-c", "echo kept > /home/kasm-user/kept.txt")
+    async with gw.portal() as portal:
+        assert (await portal.delete(f"/api/v1/desktops/{desktop['id']}")).status_code == 200
+    browser = await dev_sign_in(gw, "lena", "student")
+    try:
+        started = await browser.post("/start/standin", headers={"Origin": gw.base_url}, timeout=WAIT)
+    finally:
+        await browser.aclose()
+    assert started.headers["location"] == f"/desktop/{desktop['name']}"
+    await wait_for_state(gw, desktop["id"], ("running",))
+    [container] = await containers_of(instance)
+    assert (await docker_cli("exec", container["Id"], "cat", "/home/kasm-user/kept.txt")).strip() == "kept"
