@@ -15,6 +15,7 @@ import pytest
 import uvloop
 from sqlalchemy.engine import make_url
 
+import kasm_front
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine
 from gatewaytest import ASGI_SERVERS, SERVE, RunningGateway, missing_real_component, start_gateway_on
@@ -132,6 +133,14 @@ def listening_socket() -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     return sock
+
+
+@pytest.fixture
+async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
+    """A KasmVNC-like desktop endpoint on loopback that echoes, for ``static_type("...", kasm.port)``
+    (its user and password are the ones static_type writes). A module may define its own."""
+    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
+        yield front
 
 
 @pytest.fixture(scope="session")

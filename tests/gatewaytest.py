@@ -9,6 +9,7 @@ import html
 import os
 import re
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,7 +31,28 @@ from desktop_gateway.identity import COOKIE_NAME
 from desktop_gateway.serve import shut_down, uvicorn_config
 from desktop_gateway.settings import Settings, load_settings
 
+CLI_TIMEOUT = 60
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+
+async def run_cli(cwd: Path, env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
+    """Run ``desktop-gateway ARGS`` as a subprocess with ``env``; return its exit code, stdout and
+    stderr (a traceback on stderr fails the test: every failure must be a sentence). A minute at most."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "desktop_gateway",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(CLI_TIMEOUT):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    assert "Traceback" not in err.decode(), err.decode()
+    return process.returncode, out.decode(), err.decode()
 
 
 def missing_real_component(what: str) -> NoReturn:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 from functools import partial
 
 import httpx
@@ -29,12 +28,6 @@ class _PastSigner(TimestampSigner):
 def signed_an_hour_ago(value: object, salt: str) -> str:
     """What the gateway would have signed an hour ago, to test expiry without waiting."""
     return URLSafeTimedSerializer(SECRET, salt=salt, signer=_PastSigner).dumps(value)
-
-
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
-        yield front
 
 
 @pytest.fixture

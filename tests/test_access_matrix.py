@@ -17,7 +17,7 @@ from conftest import StartGateway
 from desktop_gateway import apikeys
 from desktop_gateway.db.models import AuditEvent, Desktop
 from desktop_gateway.identity import COOKIE_NAME
-from gatewaytest import RunningGateway, close_frame, dev_sign_in, static_type
+from gatewaytest import RunningGateway, close_frame, dev_sign_in, follow_launch_link, static_type
 
 TIMEOUT = 10
 TYPES = ("open", "teachers", "robotics", "by-group", "by-user")
@@ -49,12 +49,6 @@ def types_toml(port: int) -> str:
         "by-user": 'allowed_roles = ["admin"]',  # and granted to sam at runtime
     }
     return "".join(static_type(name, port).rstrip() + f"\n{rule}\n\n" for name, rule in rules.items())
-
-
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
-        yield front
 
 
 async def grant(admin: httpx.AsyncClient, gw: RunningGateway, **body: str) -> int:
@@ -303,3 +297,25 @@ async def test_the_admin_api_takes_an_admin_key_and_only_that(
             (await db.execute(select(AuditEvent.detail).where(AuditEvent.event == "grant"))).scalars()
         )
     assert "teachers to user eve by api key admin tool" in details
+
+
+async def test_a_blocked_persons_launch_link_signs_nobody_in(
+    gw: RunningGateway, people: dict[str, httpx.AsyncClient]
+) -> None:
+    """A launch link the portal got before the block is refused afterwards with a sentence, and the
+    portal cannot start a desktop for the blocked person either."""
+    desktop = await gw.start_desktop("kim", "open")
+    users = {u["username"]: u for u in (await people["ada"].get("/api/v1/users")).json()["users"]}
+    blocked = await people["ada"].patch(
+        f"/api/v1/users/{users['kim']['id']}", json={"blocked": True}, headers={"Origin": gw.base_url}
+    )
+    assert blocked.status_code == 200
+    async with httpx.AsyncClient() as browser:
+        response = await follow_launch_link(browser, desktop["launch_url"])
+    assert response.status_code == 403
+    assert "blocked" in response.text
+    assert COOKIE_NAME not in response.cookies
+    async with gw.portal() as portal:
+        refused = await portal.post("/api/v1/desktops", json={"user": "kim", "desktop_type": "by-group"})
+    assert refused.status_code == 403
+    assert "blocked" in refused.json()["detail"]

@@ -130,12 +130,6 @@ async def behind_apache(start_gateway: StartGateway, tmp_path: Path) -> AsyncIte
             print(apache.logs())  # shown only when the test failed
 
 
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": PW}) as front:
-        yield front
-
-
 async def test_relays_megabytes_intact_through_apache(
     behind_apache: StartSite, kasm: kasm_front.KasmFront
 ) -> None:

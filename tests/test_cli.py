@@ -265,7 +265,8 @@ def serving(
 
 
 def test_serve_embedded_default(tmp_path: Path) -> None:
-    """Unconfigured ``serve`` makes its database and key, answers /healthz, logs it, exits 0 on TERM."""
+    """Unconfigured ``serve`` makes its database and key, answers /healthz, logs it (and that there is no
+    sign-in provider: launch links only), exits 0 on TERM."""
     with serving(tmp_path) as (_, port, log_path):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as client:
             healthz = client.get("/healthz")
@@ -279,8 +280,9 @@ def test_serve_embedded_default(tmp_path: Path) -> None:
     assert secret.is_file()
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
 
-    first_lines = log_text.splitlines()[:10]
+    first_lines = log_text.splitlines()[:12]
     assert any("database:" in line and str(database) in line for line in first_lines), log_text
+    assert any("sign-in: not configured" in line and "launch links only" in line for line in first_lines)
     assert any("embedded" in line for line in first_lines), log_text
     assert any(f"secret key: generated and kept in {secret}" in line for line in first_lines), log_text
     assert any(f"127.0.0.1:{port}" in line for line in first_lines), log_text

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 from websockets.asyncio.client import connect
 from websockets.typing import Origin, Subprotocol
 
@@ -43,12 +41,6 @@ def test_first_of_a_repeated_name_wins() -> None:
 def test_non_ascii_values_are_kept() -> None:
     """A non-ASCII value (decoded as the server gives it) neither breaks parsing nor other cookies."""
     assert parse_cookie_header("name=J\u00fcrgen; x=1") == {"name": "J\u00fcrgen", "x": "1"}
-
-
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
-        yield front
 
 
 async def test_session_survives_other_apps_cookies(

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from conftest import StartGateway
 from desktop_gateway.db.models import Desktop
 from desktop_gateway.runtime import LABEL_INSTANCE
-from gatewaytest import RunningGateway, close_frame, dev_sign_in, missing_real_component
+from gatewaytest import RunningGateway, close_frame, dev_sign_in, missing_real_component, run_cli
 
 IMAGE = os.environ.get("DESKTOP_GATEWAY_TEST_IMAGE", "desktop-gateway/standin-desktop:latest")
 WAIT = 120  # seconds a test waits for desktops to come up on a busy 2-core machine
@@ -318,19 +318,7 @@ async def test_gateway_killed_mid_start_leaves_nothing_after_restart(
     )
     first = await serve(env, tmp_path, free_port)
     try:
-        creator = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "desktop_gateway",
-            "api-key",
-            "create",
-            "portal",
-            env=env,
-            cwd=tmp_path,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        key = (await creator.communicate())[0].decode().strip()
+        key = (await run_cli(tmp_path, env, "api-key", "create", "portal"))[1].strip()
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{free_port}", headers={"Authorization": f"Bearer {key}"}
         ) as portal:

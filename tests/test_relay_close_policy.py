@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -28,14 +28,6 @@ TIMEOUT = 10
 # Every row of the table under `desktop-gateway serve`, under hypercorn and under each of uvicorn's
 # WebSocket implementations: the relay is a plain ASGI app.
 pytestmark = pytest.mark.parametrize("asgi_server", list(ASGI_SERVERS))
-
-
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    front = kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": PW})
-    await front.start()
-    yield front
-    await front.stop()
 
 
 @pytest.fixture

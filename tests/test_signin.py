@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import re
 import uuid
-from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -38,12 +37,6 @@ def types_toml(port: int) -> str:
         + static_type("robotics", port, title="Robotics desktop").rstrip()
         + '\nallowed_groups = ["ag-robotik"]\n\n'
     )
-
-
-@pytest.fixture
-async def kasm() -> AsyncIterator[kasm_front.KasmFront]:
-    async with kasm_front.KasmFront(kasm_front.echo, users={"kasm_user": "pw"}) as front:
-        yield front
 
 
 @pytest.fixture

@@ -190,26 +190,21 @@ async def ensure_user(db: AsyncSession, username: str) -> User:
     )
     if current is not None:
         return current
-    query = select(User).where(
-        User.username == username, (User.account_name.is_(None)) | (User.account_name == username)
-    )
+    query = select(User).where(User.username == username)
     user = (await db.execute(query)).scalar_one_or_none()
-    if user is not None:
+    if user is None:
+        # Created concurrently by another request: that one is used.
+        await db.execute(insert_unless_taken(db, User).values(username=username, created_at=utcnow()))
+        user = (await db.execute(query)).scalar_one()
+    if user.account_name is None or user.account_name == username:
         return user
-    handle = username
-    if await db.scalar(select(User.id).where(User.username == username)) is not None:
-        # The name's former owner keeps their handle; the suffix is the same for concurrent requests.
-        handle = f"{username[:57]}-{hashlib.sha256(username.encode()).hexdigest()[:6]}"
-    # Created concurrently by another request: that one is used.
+    # The handle's owner has been renamed since: the name now means someone else, who gets a handle of
+    # their own (the same suffix for concurrent requests, so they meet at one row).
+    handle = f"{username[:57]}-{hashlib.sha256(username.encode()).hexdigest()[:6]}"
     await db.execute(
-        insert_unless_taken(db, User).values(
-            username=handle, account_name=None if handle == username else username, created_at=utcnow()
-        )
+        insert_unless_taken(db, User).values(username=handle, account_name=username, created_at=utcnow())
     )
-    found = (await db.execute(select(User).where(User.username == handle))).scalar_one_or_none()
-    if found is None or (handle != username and found.account_name != username):
-        raise NameTaken(f"the user name {username!r} is being created by another request; try again")
-    return found
+    return (await db.execute(select(User).where(User.username == handle))).scalar_one()
 
 
 async def request_desktop(

@@ -26,6 +26,7 @@ from desktop_gateway.desktops import DesktopError, normalise_username
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.origins import origin_allowed
+from desktop_gateway.web.api import missing_scope
 from desktop_gateway.web.bodies import read_json
 from desktop_gateway.web.problems import problem
 
@@ -49,12 +50,7 @@ async def caller_with(request: Request, gateway: Gateway, scope: str) -> str | R
             )
         gateway.key_usage.seen(key)
         if scope not in key.scopes:
-            return problem(
-                403,
-                "Forbidden",
-                f"this key lacks the scope {scope}; create one with "
-                f"`desktop-gateway api-key create NAME --scope {scope}`",
-            )
+            return missing_scope(key, scope)
         return f"api key {key.key_name}"
     who: Identity | None = request.scope.get("identity")
     if who is None:

@@ -93,6 +93,10 @@ async def _launchable(
         log.warning("launch refused: client=%s cause=%s", _client(request), exc.refusal.name.lower())
         gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
         return message(403, "Cannot open the desktop", exc.refusal.value)
+    if await db.scalar(select(User.blocked_at).where(User.id == grant.user_id)) is not None:
+        log.info("launch refused: user id %d is blocked", grant.user_id)
+        gateway.audit.record("deny", None, grant.desktop_name, "launch by a blocked user")
+        return message(403, "Cannot open the desktop", "Your account is blocked. Ask the school's IT.")
     found = await desktops.find_by_name(db, grant.desktop_name)
     if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
         # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.

@@ -112,10 +112,11 @@ async def callback(request: Request) -> Response:
         )
         gateway.audit.record("login-failed", None, None, reason)
         return render(
-            "signin_failed.html",
+            "message.html",
             status=400,
             heading="Sign-in failed",
             sentence="The sign-in could not be completed. Please start again.",
+            link=("/login", "Sign in with IServ"),
         )
     return await begin_session(request, gateway, claims, id_token, "provider")
 
