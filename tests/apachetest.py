@@ -59,8 +59,8 @@ def _run_as() -> str:
     raise RuntimeError("running as root, but there is neither a www-data nor a nobody user for Apache")
 
 
-def write_config(root: Path, port: int, backend: str) -> Path:
-    """Write ``root/apache2.conf``: the private server part, then the shipped site config."""
+def write_config(root: Path, port: int, backend: str, site: Path = SITE_CONF) -> Path:
+    """Write ``root/apache2.conf``: the private server part, then the shipped site config (or ``site``)."""
     cert, key = kasm_front.make_self_signed_cert(root)
     modules = "".join(f"LoadModule {name} {MODULE_DIR / so}\n" for name, so in MODULES.items())
     config = root / "apache2.conf"
@@ -81,7 +81,7 @@ def write_config(root: Path, port: int, backend: str) -> Path:
         "Define DESKTOP_GATEWAY_SERVER_NAME 127.0.0.1\n"
         f"Define DESKTOP_GATEWAY_CERT {cert}\n"
         f"Define DESKTOP_GATEWAY_KEY {key}\n"
-        f"Include {SITE_CONF}\n"
+        f"Include {site}\n"
     )
     return config
 
@@ -121,10 +121,11 @@ class RunningApache:
                 raise AssertionError(f"Apache did not stop within {STOP_TIMEOUT} s of SIGTERM") from None
 
 
-async def start_apache(root: Path, port: int, backend: str) -> RunningApache:
-    """Start Apache in the foreground on ``127.0.0.1:port``, proxying to ``backend`` (host:port)."""
+async def start_apache(root: Path, port: int, backend: str, site: Path = SITE_CONF) -> RunningApache:
+    """Start Apache in the foreground on ``127.0.0.1:port``, proxying to ``backend`` (host:port) with the
+    shipped site config (or ``site``)."""
     root.mkdir(parents=True)  # noqa: ASYNC240 (set-up, before any traffic)
-    config = write_config(root, port, backend)
+    config = write_config(root, port, backend, site)
     with (root / "stderr.log").open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             str(APACHE_BIN),

@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="bring the database schema up to date")
 
-    commands.add_parser("doctor", help="check the configuration, database, Docker and running desktops")
+    doctor = commands.add_parser(
+        "doctor", help="check the configuration, database, Docker, the public address and running desktops"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON (for scripts)")
 
     api_key = commands.add_parser("api-key", help="portal API keys")
     key_commands = api_key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
@@ -101,7 +104,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "doctor":
         from desktop_gateway.doctor import doctor
 
-        return asyncio.run(doctor(settings))
+        return asyncio.run(doctor(settings, as_json=args.json))
     if args.key_command == "create":
         return asyncio.run(_create_api_key(settings, args.name, args.scopes or apikeys.DEFAULT_SCOPES))
     if args.key_command == "list":

@@ -91,6 +91,9 @@ class ContainerRuntime(Protocol):
     async def list(self) -> list[ContainerInfo]:
         """The containers this gateway instance manages, in any state."""
 
+    async def has_image(self, image: str) -> bool:
+        """Whether the engine has ``image`` already (a start would not have to pull it)."""
+
     async def ping(self) -> str:
         """The engine's version; raise if it cannot be reached."""
 

@@ -54,13 +54,18 @@ class DockerRuntime:
         version: dict[str, Any] = await self._docker.version()
         return str(version.get("Version", "unknown"))
 
-    async def ensure_image(self, image: str, progress: Progress) -> None:
+    async def has_image(self, image: str) -> bool:
         try:
             await self._docker.images.inspect(image)
-            return
         except DockerError as exc:
             if exc.status != 404:
                 raise RuntimeFailure(f"Docker could not look up the image {image}: {exc.message}") from exc
+            return False
+        return True
+
+    async def ensure_image(self, image: str, progress: Progress) -> None:
+        if await self.has_image(image):
+            return
         progress(f"pulling {image}")
         try:
             async for line in self._docker.images.pull(image, stream=True):
