@@ -9,6 +9,7 @@ Browsers send Origin on every POST and WebSocket handshake: a missing one is ref
 from __future__ import annotations
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import Scope
 
 
@@ -28,3 +29,9 @@ def origin_allowed(scope: Scope, headers: Headers, public_origin: str | None) ->
     origin = headers.get("origin")
     expected = own_origin(scope, headers, public_origin)
     return origin is not None and expected is not None and origin.lower() == expected
+
+
+def public_base(request: Request, public_url: str | None) -> str:
+    """The gateway's address for links it hands out: the public one when configured, else the one this
+    request was sent to."""
+    return public_url or str(request.base_url).rstrip("/")

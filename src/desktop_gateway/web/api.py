@@ -17,6 +17,7 @@ from desktop_gateway.db.models import DesktopState
 from desktop_gateway.desktops import DesktopError, DesktopView, Limits, OverLimit
 from desktop_gateway.events import DesktopEvent
 from desktop_gateway.gateway import Gateway
+from desktop_gateway.origins import public_base
 from desktop_gateway.runtime import RuntimeFailure
 from desktop_gateway.web.bodies import read_json
 from desktop_gateway.web.openapi import OPENAPI
@@ -25,10 +26,6 @@ from desktop_gateway.web.problems import problem
 log = logging.getLogger("desktop_gateway.api")
 
 Handler = Callable[[Request, Gateway], Awaitable[Response]]
-
-
-def base_url(request: Request, gateway: Gateway) -> str:
-    return gateway.settings.public_url or str(request.base_url).rstrip("/")
 
 
 def _json(view: DesktopView, launch_url: str | None = None) -> dict[str, Any]:
@@ -122,7 +119,7 @@ async def create_desktop(request: Request, gateway: Gateway) -> Response:
     launch = gateway.launch_tokens.issue(requested.user_id, view.name)
     status = 200 if view.state == DesktopState.RUNNING else 202
     return JSONResponse(
-        _json(view, f"{base_url(request, gateway)}/launch/{launch}"),
+        _json(view, f"{public_base(request, gateway.settings.public_url)}/launch/{launch}"),
         status_code=status,
         headers={"Location": f"/api/v1/desktops/{view.id}"},
     )
@@ -210,7 +207,7 @@ async def new_launch(request: Request, gateway: Gateway) -> Response:
         view = await desktops.get_desktop(db, request.path_params["desktop_id"])
         user_id = (await desktops.ensure_user(db, view.user)).id
     launch = gateway.launch_tokens.issue(user_id, view.name)
-    body = _json(view, f"{base_url(request, gateway)}/launch/{launch}")
+    body = _json(view, f"{public_base(request, gateway.settings.public_url)}/launch/{launch}")
     return JSONResponse(body)
 
 

@@ -19,7 +19,7 @@ from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
-from desktop_gateway.origins import origin_allowed
+from desktop_gateway.origins import origin_allowed, public_base
 from desktop_gateway.web.authn import dev_login_on
 
 log = logging.getLogger("desktop_gateway.pages")
@@ -239,7 +239,7 @@ async def logout(request: Request) -> Response:
         gateway.audit.record("logout", who.username, None, None)
     cleared = identity.cleared_cookie_header(gateway.settings.secure_cookies)
     if id_token is not None and gateway.provider is not None:
-        base = gateway.settings.public_url or str(request.base_url).rstrip("/")
+        base = public_base(request, gateway.settings.public_url)
         url = await gateway.provider.end_session_url(id_token, base + "/")
         if url is not None:
             response: Response = RedirectResponse(url, status_code=303, headers=PAGE_HEADERS)

@@ -19,17 +19,13 @@ from desktop_gateway.db.models import Role
 from desktop_gateway.desktops import InvalidUser, normalise_username
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
-from desktop_gateway.origins import origin_allowed
+from desktop_gateway.origins import origin_allowed, public_base
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import CALLBACK_PATH, SignInFailed, signin_middleware
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render
 
 log = logging.getLogger("desktop_gateway.signin")
 MAX_FORM = 4096
-
-
-def public_base(request: Request, gateway: Gateway) -> str:
-    return gateway.settings.public_url or str(request.base_url).rstrip("/")
 
 
 async def begin_session(
@@ -86,7 +82,7 @@ async def login(request: Request) -> Response:
         return message(404, "Sign-in is not set up", sentence)
     try:
         return await gateway.provider.redirect_to_provider(
-            request, public_base(request, gateway) + CALLBACK_PATH
+            request, public_base(request, gateway.settings.public_url) + CALLBACK_PATH
         )
     except SignInFailed as exc:
         log.warning("sign-in impossible: %s", exc.reason)
