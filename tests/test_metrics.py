@@ -1,0 +1,301 @@
+"""``GET /metrics``: each figure moves by exactly what happened, only the scraper may read it, and under
+``serve --workers 2`` one scrape adds up both workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets.asyncio.client
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.typing import Origin
+
+import kasm_front
+from conftest import StartGateway
+from desktop_gateway import launcher, metrics
+from desktop_gateway.runtime import ImageUnavailable, PortTaken, RuntimeFailure
+from desktop_gateway.settings import Secret
+from desktop_gateway.web.scrape import is_loopback, may_scrape
+from gatewaytest import RunningGateway, close_frame, dev_sign_in, echo_round_trip, static_type
+from test_cli import clean_env, serving
+
+TIMEOUT = 10
+TOKEN = "metrics-token-that-is-long-enough-0123456789"
+Labels = tuple[tuple[str, str], ...]
+Scrape = dict[tuple[str, Labels], float]
+
+
+def parse(text: str) -> Scrape:
+    """Every sample of a scrape by name and labels, read with prometheus_client's own parser."""
+    samples: Scrape = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(scrape: Scrape, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series does not exist (yet)."""
+    return scrape.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def scrape_of(base_url: str, headers: Mapping[str, str] | None = None) -> Scrape:
+    async with httpx.AsyncClient(base_url=base_url, trust_env=False) as client:
+        response = await client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return parse(response.text)
+
+
+async def wait_relays_ended(gw: RunningGateway) -> None:
+    """Until the gateway has finished every relay (the figures are recorded before it lets go of one)."""
+    await asyncio.wait_for(gw.gateway.hub.wait_empty(), TIMEOUT)
+
+
+@pytest.fixture
+async def gw(start_gateway: StartGateway, kasm: kasm_front.KasmFront) -> RunningGateway:
+    return await start_gateway(static_type("lab", kasm.port))
+
+
+async def test_a_session_moves_each_figure_by_exactly_what_happened(
+    gw: RunningGateway, kasm: kasm_front.KasmFront
+) -> None:
+    """Sign-in by launch link, one relay of N bytes each way, a close by the browser: one accepted connect,
+    one open relay while it runs and none after, one end with 1000 by the browser, N bytes each way."""
+    before = await scrape_of(gw.base_url)
+    desktop, cookie = await gw.open_desktop("anna", "lab")
+    sizes = [1, 100, 65_535, 65_536, 200_000, 7]
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        relayed = await echo_round_trip(ws, sizes)
+        during = await scrape_of(gw.base_url)
+    await wait_relays_ended(gw)
+    after = await scrape_of(gw.base_url)
+
+    assert relayed == sum(sizes)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert value(during, "desktop_gateway_relays_open") == 1
+    assert value(after, "desktop_gateway_relays_open") == 0
+    assert moved("desktop_gateway_connects_total", outcome="accepted", code="") == 1
+    assert moved("desktop_gateway_relay_ends_total", code="1000", ended_by="browser") == 1
+    ends = sum(v for (n, _), v in after.items() if n == "desktop_gateway_relay_ends_total")
+    assert ends - sum(v for (n, _), v in before.items() if n == "desktop_gateway_relay_ends_total") == 1
+    assert moved("desktop_gateway_relayed_bytes_total", direction="to_desktop") == relayed
+    assert moved("desktop_gateway_relayed_bytes_total", direction="to_browser") == relayed
+    assert moved("desktop_gateway_sign_ins_total", method="launch", outcome="ok") == 1
+    for operation in ("identify", "find_desktop", "decide_access"):
+        assert moved("desktop_gateway_database_seconds_count", operation=operation) >= 1, operation
+    refusals = [
+        k for k in after if k[0] == "desktop_gateway_connects_total" and ("outcome", "refused") in k[1]
+    ]
+    assert all(after[k] == before.get(k, 0.0) for k in refusals), "no connect was refused"
+    # Facts of the database, the same in every worker: the endpoint desktop runs and claims no port.
+    assert value(after, "desktop_gateway_desktops_running", desktop_type="lab") == 1
+    assert value(after, "desktop_gateway_ports_in_use") == 0
+    assert value(after, "desktop_gateway_ports_in_range") == 1001
+    assert kasm.connections == 1
+
+
+async def test_refused_connects_count_under_their_close_code(start_gateway: StartGateway) -> None:
+    """A connect without a session cookie counts as refused with 1008, one to a desktop that refuses TCP
+    as refused with 1011; neither counts as accepted or as an open relay."""
+    async with kasm_front.RefusesTcp() as refuser:
+        gw = await start_gateway(static_type("lab", refuser.port))
+        desktop, cookie = await gw.open_desktop("anna", "lab")
+        path = f"/desktop/{desktop['name']}/websockify"
+        before = await scrape_of(gw.base_url)
+        async with gw.browser(path, None) as ws:
+            assert (await close_frame(ws))[0] == 1008
+        async with gw.browser(path, cookie) as ws:
+            assert (await close_frame(ws))[0] == 1011
+        after = await scrape_of(gw.base_url)
+    for code in ("1008", "1011"):
+        moved = value(after, "desktop_gateway_connects_total", outcome="refused", code=code) - value(
+            before, "desktop_gateway_connects_total", outcome="refused", code=code
+        )
+        assert moved == 1, code
+    assert value(after, "desktop_gateway_connects_total", outcome="accepted", code="") == value(
+        before, "desktop_gateway_connects_total", outcome="accepted", code=""
+    )
+    assert value(after, "desktop_gateway_relays_open") == 0
+
+
+async def test_development_sign_ins_count_as_ok_and_failed(start_gateway: StartGateway) -> None:
+    """A development sign-in counts once as ok; one posted from another site's page once as failed."""
+    gw = await start_gateway(dev_login="1")
+    before = await scrape_of(gw.base_url)
+    browser = await dev_sign_in(gw, "anna", "student")
+    await browser.aclose()
+    async with httpx.AsyncClient(base_url=gw.base_url) as other:
+        refused = await other.post(
+            "/dev-login", data={"name": "anna", "role": "student"}, headers={"Origin": "https://evil.example"}
+        )
+    assert refused.status_code == 403
+    after = await scrape_of(gw.base_url)
+    for outcome in ("ok", "failed"):
+        name, labels = "desktop_gateway_sign_ins_total", {"method": "dev", "outcome": outcome}
+        assert value(after, name, **labels) - value(before, name, **labels) == 1, outcome
+    for method in ("provider", "launch"):
+        for outcome in ("ok", "failed"):
+            name, labels = "desktop_gateway_sign_ins_total", {"method": method, "outcome": outcome}
+            assert value(after, name, **labels) == value(before, name, **labels)
+
+
+async def test_without_a_token_only_loopback_may_scrape(gw: RunningGateway) -> None:
+    """Without METRICS_TOKEN a loopback client gets the figures; a client a trusted proxy names (Apache
+    passing on someone outside) gets the 404 of a path that does not exist."""
+    await scrape_of(gw.base_url)
+    async with httpx.AsyncClient(base_url=gw.base_url, trust_env=False) as client:
+        forwarded = await client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+        missing = await client.get("/no-such-page")
+    assert forwarded.status_code == 404
+    assert (forwarded.text, forwarded.headers["content-type"]) == (
+        missing.text,
+        missing.headers["content-type"],
+    )
+
+
+async def test_with_a_token_only_its_bearer_may_scrape(start_gateway: StartGateway) -> None:
+    """With METRICS_TOKEN set, no token or a wrong one gets 404 (from loopback too); the right one 200."""
+    gw = await start_gateway(metrics_token=TOKEN)
+    async with httpx.AsyncClient(base_url=gw.base_url, trust_env=False) as client:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": f"Basic {TOKEN}"}):
+            assert (await client.get("/metrics", headers=headers)).status_code == 404, headers
+    scrape = await scrape_of(gw.base_url, {"Authorization": f"Bearer {TOKEN}"})
+    assert value(scrape, "desktop_gateway_relays_open") == 0
+
+
+def test_who_may_scrape() -> None:
+    """The decision: the token when one is set (constant-time), else loopback, never when every proxy
+    is trusted (any client could then name itself 127.0.0.1)."""
+    token = Secret(TOKEN)
+    proxies = "127.0.0.1,::1"
+    assert may_scrape(token, f"Bearer {TOKEN}", "198.51.100.1", proxies)
+    assert may_scrape(token, f"bearer {TOKEN}", None, proxies)
+    assert not may_scrape(token, None, "127.0.0.1", proxies)
+    assert not may_scrape(token, "Bearer wrong", "127.0.0.1", proxies)
+    assert not may_scrape(token, "Bearer \u00e9", "127.0.0.1", proxies)
+    assert may_scrape(None, None, "127.0.0.1", proxies)
+    assert may_scrape(None, None, "::1", proxies)
+    assert not may_scrape(None, None, "127.0.0.1", "*")
+    assert not may_scrape(None, None, "192.0.2.7", proxies)
+    assert not may_scrape(None, None, None, proxies)
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("localhost")
+
+
+def test_start_failures_are_sorted_into_a_few_kinds() -> None:
+    """Each way a start fails maps to one of the metric's fixed reasons."""
+    assert launcher.failure_kind(ImageUnavailable("x")) == "pull"
+    assert launcher.failure_kind(PortTaken("x")) == "docker"
+    assert launcher.failure_kind(RuntimeFailure("x")) == "docker"
+    assert launcher.failure_kind(launcher.StartFailed("x", "no_port")) == "no_port"
+    assert launcher.failure_kind(launcher.StartFailed("x")) == "other"
+    assert launcher.failure_kind(ValueError("x")) == "other"
+    assert set(metrics.START_FAILURES) == {"pull", "not_ready", "no_port", "docker", "other"}
+
+
+# --- serve --workers 2 --------------------------------------------------------------------------------
+
+
+def worker_pids(serve_pid: int) -> list[int]:
+    children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
+    return [int(c) for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().partition("=")[::2] for entry in raw if entry)
+
+
+def refused_connects_in(directory: Path, pid: int) -> float:
+    """What one worker's own counter file holds of connects refused with 1008."""
+    files = [str(directory / f"counter_{pid}.db")]
+    for family in MultiProcessCollector.merge(files):  # type: ignore[no-untyped-call]
+        for sample in family.samples:
+            if sample.name == "desktop_gateway_connects_total" and sample.labels.get("code") == "1008":
+                return float(sample.value)
+    return 0.0
+
+
+async def refuse_connects(port: int, count: int) -> None:
+    """``count`` WebSocket connects without a cookie, each a new TCP connection (the kernel gives each
+    to either worker); each is refused with 1008."""
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(count):
+        async with websockets.asyncio.client.connect(
+            f"ws://127.0.0.1:{port}/websockify", origin=Origin(base), open_timeout=TIMEOUT
+        ) as ws:
+            assert (await close_frame(ws))[0] == 1008
+
+
+async def test_serve_with_two_workers_adds_up_both_in_every_scrape(tmp_path: Path) -> None:
+    """Under ``serve --workers 2`` connects refused by both workers add up to all of them in every scrape,
+    whichever worker answers it; the workers' private metrics directory is gone after the exit."""
+    count = 40
+    with serving(tmp_path, "--workers", "2") as (process, port, _):
+        await refuse_connects(port, count)
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2, workers
+        directories = {environment_of(pid).get(metrics.MULTIPROC_ENV, "") for pid in workers}
+        assert len(directories) == 1, directories
+        directory = Path(directories.pop())
+        assert directory.name.startswith("desktop-gateway-metrics-")
+        assert oct(os.stat(directory).st_mode & 0o777) == oct(0o700), "private to the gateway's user"
+        per_worker = [refused_connects_in(directory, pid) for pid in workers]
+        assert all(n > 0 for n in per_worker), f"one worker served every connect: {per_worker}"
+        assert sum(per_worker) == count
+        for _ in range(6):  # each scrape a new connection, answered by either worker
+            scrape = await scrape_of(f"http://127.0.0.1:{port}")
+            assert value(scrape, "desktop_gateway_connects_total", outcome="refused", code="1008") == count
+            assert value(scrape, "desktop_gateway_relays_open") == 0
+    assert not directory.is_dir(), "serve removes the metrics directory it made"  # noqa: ASYNC240 (after serve)
+
+
+async def died(pid: int) -> None:
+    """Until process ``pid`` (not a child of this one) has ended: its pidfd becomes readable then."""
+    fd = os.pidfd_open(pid)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(ended, TIMEOUT)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def test_serve_keeps_the_admins_metrics_directory_and_drops_dead_workers_gauges(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set, serve's workers count there and it is kept; a worker killed
+    mid-run leaves its counts in every later scrape; at the exit every worker's gauges are dropped (a dead
+    worker's open relays are gone with it) and the counters stay."""
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    count = 10
+    env = {**clean_env(), metrics.MULTIPROC_ENV: str(directory)}
+    with serving(tmp_path, "--workers", "2", env=env) as (process, port, _):
+        await refuse_connects(port, count)
+        victim = worker_pids(process.pid)[0]
+        assert (directory / f"gauge_livesum_{victim}.db").exists()
+        os.kill(victim, signal.SIGKILL)
+        await died(victim)
+        for _ in range(4):
+            scrape = await scrape_of(f"http://127.0.0.1:{port}")
+            assert value(scrape, "desktop_gateway_connects_total", outcome="refused", code="1008") == count
+    assert directory.is_dir()
+    assert list(directory.glob("counter_*.db")), "counters are kept"
+    assert not list(directory.glob("gauge_livesum_*.db")), "every worker's gauges are dropped"
