@@ -18,14 +18,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.typing import Origin
 
 import kasm_front
+import test_docker_desktops
+from apachetest import APACHE_BIN, start_apache
+from apachetest import free_port as apache_free_port
 from conftest import StartGateway
 from desktop_gateway import launcher, metrics
 from desktop_gateway.runtime import ImageUnavailable, PortTaken, RuntimeFailure
 from desktop_gateway.settings import Secret
 from desktop_gateway.web.scrape import is_loopback, may_scrape
-from gatewaytest import RunningGateway, close_frame, dev_sign_in, echo_round_trip, static_type
+from gatewaytest import (
+    RunningGateway,
+    close_frame,
+    dev_sign_in,
+    echo_round_trip,
+    missing_real_component,
+    static_type,
+)
 from test_cli import clean_env, serving
+from test_docker_desktops import WAIT, image_type, request, wait_for_state
 
+# The container tests' fixtures: Docker with the stand-in image, and an instance cleaned up after.
+docker_image = test_docker_desktops.docker_image
+instance = test_docker_desktops.instance
 TIMEOUT = 10
 TOKEN = "metrics-token-that-is-long-enough-0123456789"
 Labels = tuple[tuple[str, str], ...]
@@ -299,3 +313,71 @@ async def test_serve_keeps_the_admins_metrics_directory_and_drops_dead_workers_g
     assert directory.is_dir()
     assert list(directory.glob("counter_*.db")), "counters are kept"
     assert not list(directory.glob("gauge_livesum_*.db")), "every worker's gauges are dropped"
+
+
+# --- through Apache, and with real containers -----------------------------------------------------
+
+
+async def test_apache_does_not_pass_metrics_on(start_gateway: StartGateway, tmp_path: Path) -> None:
+    """The shipped Apache site answers /metrics itself with 404, even to a client on the same machine
+    (which the gateway would take for loopback), while it passes everything else on to the gateway."""
+    if not APACHE_BIN.exists():
+        missing_real_component(f"{APACHE_BIN} is missing: apt-get install apache2 to test through Apache")
+    port = apache_free_port()
+    gw = await start_gateway(public_url=f"https://127.0.0.1:{port}")
+    apache = await start_apache(tmp_path / "apache", port, gw.base_url.removeprefix("http://"))
+    try:
+        async with httpx.AsyncClient(base_url=apache.base_url, verify=False, timeout=TIMEOUT) as client:  # noqa: S501
+            through = await client.get("/metrics")
+            healthz = await client.get("/healthz")
+    finally:
+        await apache.stop()
+    assert healthz.status_code == 200
+    assert through.status_code == 404
+    # Apache's own page: the gateway's 404 is plain text, and it would have taken this client (Apache
+    # names it 127.0.0.1) for loopback.
+    assert through.headers["content-type"].startswith("text/html"), through.headers
+    await scrape_of(gw.base_url)  # while the gateway answers a scraper beside it
+
+
+async def test_a_container_desktop_counts_its_start_docker_calls_and_port(
+    start_gateway: StartGateway,
+    docker_image: str,
+    instance: str,
+) -> None:
+    """A container desktop's start counts once with its duration, its Docker calls are timed, and while it
+    runs the database's figures show it and its port; an image that cannot be pulled counts as a pull
+    failure."""
+    gw = await start_gateway(
+        image_type("standin", docker_image) + image_type("missing", "127.0.0.1:9/no-such-image:1"),
+        instance=instance,
+    )
+    before = await scrape_of(gw.base_url)
+    started = (await request(gw, "anna", "standin")).json()
+    await wait_for_state(gw, started["id"], ("running",))
+    missing = (await request(gw, "anna", "missing")).json()
+    await wait_for_state(gw, missing["id"], ("failed",))
+    running = await scrape_of(gw.base_url)
+    async with gw.portal() as portal:
+        assert (await portal.delete(f"/api/v1/desktops/{started['id']}")).status_code == 200
+    stopped = await scrape_of(gw.base_url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(running, name, **labels) - value(before, name, **labels)
+
+    assert moved("desktop_gateway_desktop_starts_total") == 2
+    assert moved("desktop_gateway_desktop_start_seconds_count") == 1
+    assert 0 < moved("desktop_gateway_desktop_start_seconds_sum") <= WAIT
+    assert moved("desktop_gateway_desktop_start_failures_total", reason="pull") == 1
+    for reason in ("not_ready", "no_port", "docker", "other"):
+        assert moved("desktop_gateway_desktop_start_failures_total", reason=reason) == 0, reason
+    for operation in ("ensure_image", "start"):
+        assert moved("desktop_gateway_docker_seconds_count", operation=operation) >= 1, operation
+    assert value(running, "desktop_gateway_desktops_running", desktop_type="standin") == 1
+    assert value(running, "desktop_gateway_desktops_running", desktop_type="missing") == 0
+    assert value(running, "desktop_gateway_ports_in_use") == 1
+    assert value(stopped, "desktop_gateway_desktops_running", desktop_type="standin") == 0
+    assert value(stopped, "desktop_gateway_ports_in_use") == 0
+    assert value(stopped, "desktop_gateway_docker_seconds_count", operation="stop") > value(
+        running, "desktop_gateway_docker_seconds_count", operation="stop"
+    )
