@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -21,10 +25,10 @@ import kasm_front
 import test_docker_desktops
 from apachetest import APACHE_BIN, start_apache
 from apachetest import free_port as apache_free_port
-from conftest import StartGateway
+from conftest import StartGateway, listening_socket
 from desktop_gateway import launcher, metrics
 from desktop_gateway.runtime import ImageUnavailable, PortTaken, RuntimeFailure
-from desktop_gateway.settings import Secret
+from desktop_gateway.settings import Secret, SettingsError, load_settings
 from desktop_gateway.web.scrape import is_loopback, may_scrape
 from gatewaytest import (
     RunningGateway,
@@ -34,6 +38,7 @@ from gatewaytest import (
     missing_real_component,
     static_type,
 )
+from oidctest import OidcProvider, authorize_until_callback, sign_in
 from test_cli import clean_env, serving
 from test_docker_desktops import WAIT, image_type, request, wait_for_state
 
@@ -41,6 +46,8 @@ from test_docker_desktops import WAIT, image_type, request, wait_for_state
 docker_image = test_docker_desktops.docker_image
 instance = test_docker_desktops.instance
 TIMEOUT = 10
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "desktop-gateway.json"
+PASSWORD = "correct horse"
 TOKEN = "metrics-token-that-is-long-enough-0123456789"
 Labels = tuple[tuple[str, str], ...]
 Scrape = dict[tuple[str, Labels], float]
@@ -82,7 +89,8 @@ async def test_a_session_moves_each_figure_by_exactly_what_happened(
     gw: RunningGateway, kasm: kasm_front.KasmFront
 ) -> None:
     """Sign-in by launch link, one relay of N bytes each way, a close by the browser: one accepted connect,
-    one open relay while it runs and none after, one end with 1000 by the browser, N bytes each way."""
+    one open relay while it runs and none after, one end with 1000 by the browser, N bytes each way, one
+    of each database lookup of a connect."""
     before = await scrape_of(gw.base_url)
     desktop, cookie = await gw.open_desktop("anna", "lab")
     sizes = [1, 100, 65_535, 65_536, 200_000, 7]
@@ -106,8 +114,10 @@ async def test_a_session_moves_each_figure_by_exactly_what_happened(
     assert moved("desktop_gateway_relayed_bytes_total", direction="to_desktop") == relayed
     assert moved("desktop_gateway_relayed_bytes_total", direction="to_browser") == relayed
     assert moved("desktop_gateway_sign_ins_total", method="launch", outcome="ok") == 1
+    # The WebSocket was the one request with a cookie; the launch link's pages look the desktop up
+    # themselves.
     for operation in ("identify", "find_desktop", "decide_access"):
-        assert moved("desktop_gateway_database_seconds_count", operation=operation) >= 1, operation
+        assert moved("desktop_gateway_database_seconds_count", operation=operation) == 1, operation
     refusals = [
         k for k in after if k[0] == "desktop_gateway_connects_total" and ("outcome", "refused") in k[1]
     ]
@@ -164,6 +174,43 @@ async def test_development_sign_ins_count_as_ok_and_failed(start_gateway: StartG
             assert value(after, name, **labels) == value(before, name, **labels)
 
 
+async def test_provider_sign_ins_count_as_ok_and_failed(
+    start_gateway: StartGateway, oidc_provider: OidcProvider
+) -> None:
+    """A sign-in through the school's provider counts once as ok; a callback with a forged state once as
+    failed."""
+    sock = listening_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    client_id, client_secret = await oidc_provider.register_client([f"{base}/auth/callback"], [f"{base}/"])
+    gw = await start_gateway(
+        sock=sock,
+        oidc_issuer=oidc_provider.issuer,
+        oidc_client_id=client_id,
+        oidc_client_secret=client_secret,
+    )
+    login = f"student.{uuid.uuid4().hex[:6]}"
+    await oidc_provider.set_account(
+        login,
+        password=PASSWORD,
+        uuid=str(uuid.uuid4()),
+        name="A Student",
+        email=f"{login}@school.example",
+        groups=[],
+        roles=[],
+    )
+    before = await scrape_of(gw.base_url)
+    async with httpx.AsyncClient() as browser:
+        assert (await sign_in(browser, f"{gw.base_url}/login", login, PASSWORD)).status_code == 303
+    async with httpx.AsyncClient() as browser:
+        callback = urlsplit(await authorize_until_callback(browser, f"{gw.base_url}/login", login, PASSWORD))
+        query = {k: v[0] for k, v in parse_qs(callback.query).items()} | {"state": "forged-state"}
+        assert (await browser.get(urlunsplit(callback._replace(query=urlencode(query))))).status_code == 400
+    after = await scrape_of(gw.base_url)
+    for outcome in ("ok", "failed"):
+        name, labels = "desktop_gateway_sign_ins_total", {"method": "provider", "outcome": outcome}
+        assert value(after, name, **labels) - value(before, name, **labels) == 1, outcome
+
+
 async def test_without_a_token_only_loopback_may_scrape(gw: RunningGateway) -> None:
     """Without METRICS_TOKEN a loopback client gets the figures; a client a trusted proxy names (Apache
     passing on someone outside) gets the 404 of a path that does not exist."""
@@ -205,6 +252,27 @@ def test_who_may_scrape() -> None:
     assert not may_scrape(None, None, None, proxies)
     assert is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("localhost")
+
+
+def test_metrics_settings_are_checked_with_the_others(tmp_path: Path) -> None:
+    """METRICS_TOKEN is kept secret and must be long and plain; a PROMETHEUS_MULTIPROC_DIR that is no
+    directory is reported with every other problem rather than as prometheus_client's traceback."""
+    settings = load_settings({"DESKTOP_GATEWAY_METRICS_TOKEN": TOKEN}, tmp_path)
+    assert settings.metrics_token == Secret(TOKEN)
+    assert TOKEN not in repr(settings)
+    assert load_settings({}, tmp_path).metrics_token is None
+    for bad in ("short", "x" * 31, "with space " + "x" * 32, "\u00e9" * 32):
+        with pytest.raises(SettingsError) as caught:
+            load_settings({"DESKTOP_GATEWAY_METRICS_TOKEN": bad}, tmp_path)
+        assert "DESKTOP_GATEWAY_METRICS_TOKEN" in str(caught.value)
+        assert bad not in str(caught.value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing"), "DESKTOP_GATEWAY_LOG_LEVEL": "loud"},
+            tmp_path,
+        )
+    assert "PROMETHEUS_MULTIPROC_DIR" in str(caught.value)
+    assert "DESKTOP_GATEWAY_LOG_LEVEL" in str(caught.value)
 
 
 def test_start_failures_are_sorted_into_a_few_kinds() -> None:
@@ -381,3 +449,21 @@ async def test_a_container_desktop_counts_its_start_docker_calls_and_port(
     assert value(stopped, "desktop_gateway_docker_seconds_count", operation="stop") > value(
         running, "desktop_gateway_docker_seconds_count", operation="stop"
     )
+
+
+def test_the_grafana_dashboard_asks_only_for_figures_the_gateway_exports() -> None:
+    """deploy/grafana/desktop-gateway.json is valid JSON with a Prometheus data source variable that every
+    panel uses, and every metric its queries name is exported (a series may not exist until it happens)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    queries = [t["expr"] for p in panels for t in p["targets"]]
+    assert len(queries) >= 12
+    text = metrics.exposition(metrics.DatabaseFacts({"lab": 0}, 0, 1001)).decode()
+    families = {f.name for f in text_string_to_metric_families(text)}
+    for query in queries:
+        for name in re.findall(r"desktop_gateway_\w+", query):
+            assert re.sub(r"_(total|bucket|sum|count)$", "", name) in families, (name, query)

@@ -6,7 +6,7 @@ whichever worker answers it, reads them all. prometheus_client chooses between t
 in-memory values once, when it is first imported, from that variable: ``serve`` sets it (see
 :func:`worker_directory`) in the supervisor before it spawns the workers, which are fresh interpreters
 that import this module only then. A gateway in one process (``--workers 1``, the tests, another ASGI
-server) counts in memory.
+server) counts in memory, unless the variable was set before it started.
 
 Every figure here changes at most a few times per connection, never per relayed message: in
 multiprocess mode each change is a write to a memory-mapped file, and the relay's per-message path is
@@ -163,21 +163,19 @@ def connect_refused(code: int) -> None:
     CONNECTS.labels("refused", str(code)).inc()
 
 
-@contextlib.contextmanager
-def relay_open(bytes_relayed: Callable[[], tuple[int, int]]) -> Iterator[None]:
-    """Count an accepted relay as open while the block runs; at its end add the bytes it relayed
-    (``bytes_relayed()``: to the desktop, to the browser), once, however it ended."""
+def relay_opened() -> None:
+    """A browser was accepted and its relay begins; call :func:`relay_closed` when it ends, however."""
     CONNECTS.labels("accepted", "").inc()
     RELAYS_OPEN.inc()
-    try:
-        yield
-    finally:
-        RELAYS_OPEN.dec()
-        to_desktop, to_browser = bytes_relayed()
-        if to_desktop:
-            RELAYED_BYTES.labels("to_desktop").inc(to_desktop)
-        if to_browser:
-            RELAYED_BYTES.labels("to_browser").inc(to_browser)
+
+
+def relay_closed(to_desktop: int, to_browser: int) -> None:
+    """A relay is over: no longer open, and the bytes it carried each way are added, once."""
+    RELAYS_OPEN.dec()
+    if to_desktop:
+        RELAYED_BYTES.labels("to_desktop").inc(to_desktop)
+    if to_browser:
+        RELAYED_BYTES.labels("to_browser").inc(to_browser)
 
 
 def relay_ended(code: int, ended_by: str) -> None:

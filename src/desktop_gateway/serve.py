@@ -212,9 +212,8 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     config = uvicorn_config(settings, host, port, workers)
     try:
         if workers <= 1:
-            _run(
-                uvicorn.Server(config), None
-            )  # one process: metrics in memory, unless the admin set a directory
+            # One process: its metrics are kept in memory (unless the admin set PROMETHEUS_MULTIPROC_DIR).
+            _run(uvicorn.Server(config), None)
             return 0
         with metrics.worker_directory() as directory:
             return _supervise(config, workers, settings.log_level, settings.log_format, directory)

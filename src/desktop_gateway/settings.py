@@ -374,6 +374,13 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         dev_login=_flag(env, "DEV_LOGIN", errors),
         metrics_token=_metrics_token(env, errors),
     )
+    multiproc_dir = env.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if multiproc_dir and not Path(multiproc_dir).is_dir():
+        # prometheus_client would fail on it with a traceback when the first metric is made.
+        errors.append(
+            f"PROMETHEUS_MULTIPROC_DIR: no such directory {multiproc_dir!r} (the workers' metrics are kept "
+            "there); create it or unset it"
+        )
     if settings.dev_login and settings.secure_cookies:
         errors.append(
             f"{PREFIX}DEV_LOGIN: signs anyone in as anyone, so it is refused when {PREFIX}PUBLIC_URL "

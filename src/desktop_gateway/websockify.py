@@ -203,7 +203,10 @@ async def _dial_and_relay(
         # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a
         # browser fails a handshake that names a subprotocol it did not offer).
         await websocket.accept(conn.subprotocol if conn.subprotocol in offered else None)
-        with metrics.relay_open(lambda: (handle.bytes_up, handle.bytes_down)):
+        # Plain calls rather than a context manager: the relay's frame lives for hours, and every
+        # object it holds is memory per open desktop.
+        metrics.relay_opened()
+        try:
             log.info(
                 "connected: user=%s desktop=%s client=%s handshake=%.0fms",
                 username,
@@ -218,6 +221,8 @@ async def _dial_and_relay(
                 return gateway.launcher.still_running(desktop_id)
 
             outcome = await relay(websocket, conn, handle, still_running)
+        finally:
+            metrics.relay_closed(handle.bytes_up, handle.bytes_down)
     except Exception as exc:
         # A bug, not a way for a connection to end: logged with its traceback, and the browser still
         # gets a sentence rather than the server's bare close.
