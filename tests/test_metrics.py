@@ -300,47 +300,60 @@ def environment_of(pid: int) -> dict[str, str]:
 
 
 def refused_connects_in(directory: Path, pid: int) -> float:
-    """What one worker's own counter file holds of connects refused with 1008."""
-    files = [str(directory / f"counter_{pid}.db")]
-    for family in MultiProcessCollector.merge(files):  # type: ignore[no-untyped-call]
+    """What one worker's own counter file holds of connects refused with 1008 (none before it exists)."""
+    path = directory / f"counter_{pid}.db"
+    if not path.exists():
+        return 0.0
+    for family in MultiProcessCollector.merge([str(path)]):  # type: ignore[no-untyped-call]
         for sample in family.samples:
             if sample.name == "desktop_gateway_connects_total" and sample.labels.get("code") == "1008":
                 return float(sample.value)
     return 0.0
 
 
-async def refuse_connects(port: int, count: int) -> None:
-    """``count`` WebSocket connects without a cookie, each a new TCP connection (the kernel gives each
-    to either worker); each is refused with 1008."""
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(count):
-        async with websockets.asyncio.client.connect(
-            f"ws://127.0.0.1:{port}/websockify", origin=Origin(base), open_timeout=TIMEOUT
-        ) as ws:
-            assert (await close_frame(ws))[0] == 1008
+async def refuse_connect(port: int) -> None:
+    """A WebSocket connect without a cookie, on a new TCP connection (which the kernel gives to any
+    worker listening by then); it is refused with 1008."""
+    async with websockets.asyncio.client.connect(
+        f"ws://127.0.0.1:{port}/websockify", origin=Origin(f"http://127.0.0.1:{port}"), open_timeout=TIMEOUT
+    ) as ws:
+        assert (await close_frame(ws))[0] == 1008
+
+
+def metrics_directory_of(workers: list[int]) -> Path:
+    """The PROMETHEUS_MULTIPROC_DIR the workers were started with (one for all)."""
+    directories = {environment_of(pid).get(metrics.MULTIPROC_ENV, "") for pid in workers}
+    assert len(directories) == 1, directories
+    return Path(directories.pop())
+
+
+async def refuse_until_every_worker_served(port: int, workers: list[int], directory: Path) -> int:
+    """Refused connects, at least 20, until every worker has served some (a worker listens only once it
+    has started, which may be a while after the first); return how many were made."""
+    made = 0
+    async with asyncio.timeout(60):
+        while made < 20 or not all(refused_connects_in(directory, pid) for pid in workers):
+            await refuse_connect(port)
+            made += 1
+    return made
 
 
 async def test_serve_with_two_workers_adds_up_both_in_every_scrape(tmp_path: Path) -> None:
     """Under ``serve --workers 2`` connects refused by both workers add up to all of them in every scrape,
     whichever worker answers it; the workers' private metrics directory is gone after the exit."""
-    count = 40
     with serving(tmp_path, "--workers", "2") as (process, port, _):
-        await refuse_connects(port, count)
         workers = worker_pids(process.pid)
         assert len(workers) == 2, workers
-        directories = {environment_of(pid).get(metrics.MULTIPROC_ENV, "") for pid in workers}
-        assert len(directories) == 1, directories
-        directory = Path(directories.pop())
+        directory = metrics_directory_of(workers)
         assert directory.name.startswith("desktop-gateway-metrics-")
         assert oct(os.stat(directory).st_mode & 0o777) == oct(0o700), "private to the gateway's user"
-        per_worker = [refused_connects_in(directory, pid) for pid in workers]
-        assert all(n > 0 for n in per_worker), f"one worker served every connect: {per_worker}"
-        assert sum(per_worker) == count
+        count = await refuse_until_every_worker_served(port, workers, directory)
+        assert sum(refused_connects_in(directory, pid) for pid in workers) == count
         for _ in range(6):  # each scrape a new connection, answered by either worker
             scrape = await scrape_of(f"http://127.0.0.1:{port}")
             assert value(scrape, "desktop_gateway_connects_total", outcome="refused", code="1008") == count
             assert value(scrape, "desktop_gateway_relays_open") == 0
-    assert not directory.is_dir(), "serve removes the metrics directory it made"  # noqa: ASYNC240 (after serve)
+    assert not directory.is_dir(), "serve removes the metrics directory it made"
 
 
 async def died(pid: int) -> None:
@@ -367,11 +380,13 @@ async def test_serve_keeps_the_admins_metrics_directory_and_drops_dead_workers_g
     worker's open relays are gone with it) and the counters stay."""
     directory = tmp_path / "prometheus"
     directory.mkdir()
-    count = 10
     env = {**clean_env(), metrics.MULTIPROC_ENV: str(directory)}
-    with serving(tmp_path, "--workers", "2", env=env) as (process, port, _):
-        await refuse_connects(port, count)
-        victim = worker_pids(process.pid)[0]
+    with serving(tmp_path, "--workers", "2", env=env) as (process, port, log_path):
+        workers = worker_pids(process.pid)
+        assert metrics_directory_of(workers) == directory
+        # Both listening, so that the other one answers once the victim is gone.
+        count = await refuse_until_every_worker_served(port, workers, directory)
+        victim = workers[0]
         assert (directory / f"gauge_livesum_{victim}.db").exists()
         os.kill(victim, signal.SIGKILL)
         await died(victim)
@@ -379,6 +394,7 @@ async def test_serve_keeps_the_admins_metrics_directory_and_drops_dead_workers_g
             scrape = await scrape_of(f"http://127.0.0.1:{port}")
             assert value(scrape, "desktop_gateway_connects_total", outcome="refused", code="1008") == count
     assert directory.is_dir()
+    assert "earlier run" not in log_path.read_text(), "its own files are no earlier run's"
     assert list(directory.glob("counter_*.db")), "counters are kept"
     assert not list(directory.glob("gauge_livesum_*.db")), "every worker's gauges are dropped"
 

@@ -300,7 +300,8 @@ def worker_directory() -> Iterator[Path]:
     """
     given = os.environ.get(MULTIPROC_ENV)
     if given:
-        if any(Path(given).glob("*.db")):
+        own = f"_{os.getpid()}.db"  # this process's own files (it counted the start-up's Docker calls)
+        if any(not path.name.endswith(own) for path in Path(given).glob("*.db")):
             log.warning(
                 "%s=%s holds figures of an earlier run, which are added to this run's: clear it before "
                 "each start",
