@@ -15,7 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.settings import Settings, load_settings
-from desktop_gateway.web import admin, api, assets, home, pages, signin_pages
+from desktop_gateway.web import admin, api, assets, home, pages, scrape, signin_pages
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
 from desktop_gateway.web.unavailable import DatabaseFailures
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *home.routes,
         *signin_pages.routes(settings),
         *pages.routes,
+        *scrape.routes,
         Route("/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),

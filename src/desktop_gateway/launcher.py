@@ -21,7 +21,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy, desktops, retention
+from desktop_gateway import closepolicy, desktops, metrics, retention
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
@@ -36,6 +36,7 @@ from desktop_gateway.runtime import (
     ContainerRuntime,
     ContainerSpec,
     ContainerState,
+    ImageUnavailable,
     PortTaken,
     RuntimeFailure,
 )
@@ -50,7 +51,25 @@ STALE_GRACE = 60  # seconds past the start timeout after which a "starting" row 
 
 
 class StartFailed(Exception):
-    """A start gave up; the message is the desktop's failure reason, fit for its user and the portal."""
+    """A start gave up; the message is the desktop's failure reason, fit for its user and the portal.
+
+    ``kind`` sorts it for the metrics (a handful of kinds, where the message names ports and seconds).
+    """
+
+    def __init__(self, message: str, kind: metrics.StartFailure = "other") -> None:
+        super().__init__(message)
+        self.kind: metrics.StartFailure = kind
+
+
+def failure_kind(exc: Exception) -> metrics.StartFailure:
+    """Which of the metrics' few kinds of start failure ``exc`` is."""
+    if isinstance(exc, StartFailed):
+        return exc.kind
+    if isinstance(exc, ImageUnavailable):
+        return "pull"
+    if isinstance(exc, RuntimeFailure):
+        return "docker"
+    return "other"
 
 
 def container_name(instance: str, desktop_name: str) -> str:
@@ -98,13 +117,14 @@ class Launcher:
 
     def start_in_background(self, desktop_id: str) -> None:
         if desktop_id not in self._starts:
-            task = asyncio.create_task(self._start(desktop_id), name=f"start-{desktop_id}")
+            metrics.desktop_start_begun()
+            task = asyncio.create_task(self._start(desktop_id, time.monotonic()), name=f"start-{desktop_id}")
             self._starts[desktop_id] = task
 
     def starting(self, desktop_id: str) -> asyncio.Task[None] | None:
         return self._starts.get(desktop_id)
 
-    async def _start(self, desktop_id: str) -> None:
+    async def _start(self, desktop_id: str, requested_at: float) -> None:
         container_id: str | None = None
         name = user = "-"
         try:
@@ -138,6 +158,7 @@ class Launcher:
                     raise StartFailed("the desktop was stopped while it was starting")
                 desktops.set_state(desktop, DesktopState.RUNNING)
                 await db.commit()
+            metrics.desktop_started(time.monotonic() - requested_at)
             self.events.publish(desktop_id, "ready", "the desktop is ready", "running")
             self.audit.record("start", user, name, "ready")
             log.info("desktop ready: user=%s desktop=%s", user, name)
@@ -163,6 +184,7 @@ class Launcher:
                 exc_info=None if expected else exc,
             )
             self.audit.record("start-failed", user, name, reason)
+            metrics.desktop_start_failed(failure_kind(exc))
             await self._release(desktop_id, container_id, DesktopState.FAILED, reason)
         finally:
             self._starts.pop(desktop_id, None)
@@ -203,7 +225,7 @@ class Launcher:
                 continue
             self.events.publish(desktop_id, "start", "the container is running", "starting")
             return container_id, port
-        raise StartFailed(f"no free host port could be bound after {PORT_ATTEMPTS} attempts")
+        raise StartFailed(f"no free host port could be bound after {PORT_ATTEMPTS} attempts", "no_port")
 
     async def _allocate_port(self, desktop_id: str, taken: set[int]) -> int:
         """Claim a free port for ``desktop_id``: the unique constraint makes concurrent claims safe."""
@@ -217,7 +239,9 @@ class Launcher:
                 )
                 free = [p for p in range(low, high + 1) if p not in used and p not in taken]
                 if not free:
-                    raise StartFailed(f"all host ports {low}-{high} are in use; stop some desktops first")
+                    raise StartFailed(
+                        f"all host ports {low}-{high} are in use; stop some desktops first", "no_port"
+                    )
                 port = random.choice(free)
                 try:
                     await db.execute(update(Desktop).where(Desktop.id == desktop_id).values(host_port=port))
@@ -225,7 +249,7 @@ class Launcher:
                     return port
                 except IntegrityError:
                     await db.rollback()
-        raise StartFailed("could not claim a host port (too much contention)")
+        raise StartFailed("could not claim a host port (too much contention)", "no_port")
 
     async def _wait_ready(self, container_id: str, target: Target) -> None:
         """Ready means: the endpoint answers a TLS request that carries the desktop's credentials."""
@@ -243,10 +267,11 @@ class Launcher:
             except httpx.HTTPError:
                 pass
             if await self.runtime.inspect(container_id) in (ContainerState.EXITED, ContainerState.GONE):
-                raise StartFailed("the container exited before the desktop was ready")
+                raise StartFailed("the container exited before the desktop was ready", "not_ready")
             if loop.time() >= deadline:
                 raise StartFailed(
-                    f"the desktop did not become ready within {self.settings.start_timeout} seconds"
+                    f"the desktop did not become ready within {self.settings.start_timeout} seconds",
+                    "not_ready",
                 )
             await asyncio.sleep(0.5)
 

@@ -2,7 +2,8 @@
 
 Two things differ from plain ``uvicorn``: at shutdown every relay is first closed with 1001 and a
 sentence (uvicorn alone would drop browsers with a bare 1012), and the schema is checked or upgraded
-once, in the parent, before any worker starts.
+once, in the parent, before any worker starts. With several workers, the parent also gives them one
+directory for their metrics and tells it when a worker is gone (see :mod:`desktop_gateway.metrics`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
-from desktop_gateway import __version__
+from desktop_gateway import __version__, metrics
 from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
 from desktop_gateway.logs import setup_logging
@@ -208,10 +210,15 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
         return 2
     raise_open_file_limit(settings.max_connections)
     config = uvicorn_config(settings, host, port, workers)
-    if workers <= 1:
-        _run(uvicorn.Server(config), None)
-        return 0
-    return _supervise(config, workers, settings.log_level, settings.log_format)
+    try:
+        if workers <= 1:
+            # One process: its metrics are kept in memory (unless the admin set PROMETHEUS_MULTIPROC_DIR).
+            _run(uvicorn.Server(config), None)
+            return 0
+        with metrics.worker_directory() as directory:
+            return _supervise(config, workers, settings.log_level, settings.log_format, directory)
+    finally:
+        metrics.this_process_exits()
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -234,8 +241,16 @@ def _worker(config: uvicorn.Config, log_level: str, log_format: str) -> None:
     _run(uvicorn.Server(config), [sock])
 
 
-def _supervise(config: uvicorn.Config, workers: int, log_level: str, log_format: str) -> int:
-    """Run ``workers`` processes on one port; restart any that dies; stop all on a signal."""
+def _supervise(
+    config: uvicorn.Config, workers: int, log_level: str, log_format: str, metrics_directory: Path
+) -> int:
+    """Run ``workers`` processes on one port; restart any that dies; stop all on a signal.
+
+    The workers are spawned (fresh interpreters), so they inherit ``PROMETHEUS_MULTIPROC_DIR`` from
+    this process's environment before they import prometheus_client. This loop sees every worker end,
+    so a dead worker's metrics gauges are dropped here (uvicorn's own supervisor, ``uvicorn --workers``,
+    has no public hook for a worker's exit).
+    """
     try:
         # Held (bound, not listening) for the supervisor's lifetime: a taken port is reported here, once.
         held = reuseport_socket(config.host, config.port)
@@ -268,8 +283,12 @@ def _supervise(config: uvicorn.Config, workers: int, log_level: str, log_format:
         for i, process in enumerate(processes):
             if not stopping and process.exitcode is not None:
                 log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                if process.pid is not None:
+                    metrics.worker_exited(process.pid, metrics_directory)
                 processes[i] = start()
     for process in processes:
         process.join()
+        if process.pid is not None:
+            metrics.worker_exited(process.pid, metrics_directory)
     held.close()
     return 0

@@ -107,6 +107,7 @@ class Settings:
     admin_groups: frozenset[str] = frozenset()
     teacher_groups: frozenset[str] = frozenset()
     dev_login: bool = False
+    metrics_token: Secret | None = None
 
     @property
     def database_url_for_display(self) -> str:
@@ -247,6 +248,19 @@ def _oidc(env: Mapping[str, str], errors: list[str]) -> OidcSettings | None:
     )
 
 
+def _metrics_token(env: Mapping[str, str], errors: list[str]) -> Secret | None:
+    """The bearer token Prometheus scrapes ``/metrics`` with; unset: only from loopback (see web.scrape)."""
+    raw = env.get(PREFIX + "METRICS_TOKEN", "")
+    if not raw:
+        return None
+    if len(raw) < 32 or not raw.isascii() or not raw.isprintable() or " " in raw:
+        errors.append(
+            f"{PREFIX}METRICS_TOKEN: at least 32 printable ASCII characters without spaces; generate one "
+            "with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return Secret(raw)
+
+
 def _flag(env: Mapping[str, str], name: str, errors: list[str]) -> bool:
     raw = env.get(PREFIX + name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -358,7 +372,15 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         admin_groups=_names(env, "ADMIN_GROUPS"),
         teacher_groups=_names(env, "TEACHER_GROUPS"),
         dev_login=_flag(env, "DEV_LOGIN", errors),
+        metrics_token=_metrics_token(env, errors),
     )
+    multiproc_dir = env.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if multiproc_dir and not Path(multiproc_dir).is_dir():
+        # prometheus_client would fail on it with a traceback when the first metric is made.
+        errors.append(
+            f"PROMETHEUS_MULTIPROC_DIR: no such directory {multiproc_dir!r} (the workers' metrics are kept "
+            "there); create it or unset it"
+        )
     if settings.dev_login and settings.secure_cookies:
         errors.append(
             f"{PREFIX}DEV_LOGIN: signs anyone in as anyone, so it is refused when {PREFIX}PUBLIC_URL "

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from desktop_gateway import closepolicy, desktops, grants, logs, upstream
+from desktop_gateway import closepolicy, desktops, grants, logs, metrics, upstream
 from desktop_gateway.access import Decision
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
@@ -111,6 +111,7 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
             cause,
         )
         gateway.audit.record("deny", username, name, cause)
+        metrics.connect_refused(close.code)
         await _refuse(websocket, close)
 
     if not origin_allowed(scope, headers, gateway.settings.public_origin):
@@ -194,6 +195,7 @@ async def _dial_and_relay(
             exc_info=exc if unexpected else None,
         )
         gateway.audit.record("connect-failed", username, name, f"{close.code} {_describe(exc)}")
+        metrics.connect_refused(close.code)
         await _refuse(websocket, close)
         return
 
@@ -201,26 +203,33 @@ async def _dial_and_relay(
         # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a
         # browser fails a handshake that names a subprotocol it did not offer).
         await websocket.accept(conn.subprotocol if conn.subprotocol in offered else None)
-        log.info(
-            "connected: user=%s desktop=%s client=%s handshake=%.0fms",
-            username,
-            name,
-            client_ip or "-",
-            (time.monotonic() - started) * 1000,
-        )
-        gateway.audit.record("connect", username, name, None)
-        desktop_id = found.desktop_id
+        # Plain calls rather than a context manager: the relay's frame lives for hours, and every
+        # object it holds is memory per open desktop.
+        metrics.relay_opened()
+        try:
+            log.info(
+                "connected: user=%s desktop=%s client=%s handshake=%.0fms",
+                username,
+                name,
+                client_ip or "-",
+                (time.monotonic() - started) * 1000,
+            )
+            gateway.audit.record("connect", username, name, None)
+            desktop_id = found.desktop_id
 
-        def still_running() -> Awaitable[bool]:
-            return gateway.launcher.still_running(desktop_id)
+            def still_running() -> Awaitable[bool]:
+                return gateway.launcher.still_running(desktop_id)
 
-        outcome = await relay(websocket, conn, handle, still_running)
+            outcome = await relay(websocket, conn, handle, still_running)
+        finally:
+            metrics.relay_closed(handle.bytes_up, handle.bytes_down)
     except Exception as exc:
         # A bug, not a way for a connection to end: logged with its traceback, and the browser still
         # gets a sentence rather than the server's bare close.
         conn.transport.abort()
         log.error("relay failed: user=%s desktop=%s", username, name, exc_info=exc)
         gateway.audit.record("close", username, name, "gateway error")
+        metrics.relay_ended(closepolicy.GATEWAY_ERROR.code, metrics.GATEWAY_ERROR_ENDING)
         await close_browser(websocket, closepolicy.GATEWAY_ERROR)
         return
     except BaseException:
@@ -231,13 +240,15 @@ async def _dial_and_relay(
 
 async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
     # Not inline: the relay's frame lives for hours and would keep the finished session alive.
-    async with gateway.engine.connect() as db:
-        return await desktops.find_by_name(db, name)
+    with metrics.database_lookup("find_desktop"):
+        async with gateway.engine.connect() as db:
+            return await desktops.find_by_name(db, name)
 
 
 async def _decide(gateway: Gateway, identity: Identity, type_name: str) -> Decision:
-    async with gateway.engine.connect() as db:
-        return await grants.decide_by_name(db, identity.person, gateway.desktop_types, type_name)
+    with metrics.database_lookup("decide_access"):
+        async with gateway.engine.connect() as db:
+            return await grants.decide_by_name(db, identity.person, gateway.desktop_types, type_name)
 
 
 def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> None:
@@ -254,6 +265,7 @@ def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> Non
         log.warning("connection to desktop lost: %s", summary)
     else:
         log.info("closed: %s", summary)
+    metrics.relay_ended(code, outcome.ended_by.value)
     gateway.audit.record("close", handle.username, handle.desktop_name, f"{outcome.ended_by.value} {code}")
 
 

@@ -2,7 +2,8 @@
 
 The Docker host may be this machine (``unix://``) or another one (``tcp://host:2376`` with TLS client
 certificates). Docker's 404 is translated into "gone" here, at the edge, so nothing above this module
-handles Docker errors by status code.
+handles Docker errors by status code. Each call to the engine is timed for the metrics, except
+:meth:`DockerRuntime.stops_within`, whose waiting is its purpose.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from desktop_gateway import metrics
 from desktop_gateway.runtime import (
     LABEL_INSTANCE,
     LABEL_MANAGED,
@@ -51,8 +53,9 @@ class DockerRuntime:
         self._docker = aiodocker.Docker(url=url, ssl_context=tls)
 
     async def ping(self) -> str:
-        version: dict[str, Any] = await self._docker.version()
-        return str(version.get("Version", "unknown"))
+        with metrics.docker_call("ping"):
+            version: dict[str, Any] = await self._docker.version()
+            return str(version.get("Version", "unknown"))
 
     async def has_image(self, image: str) -> bool:
         try:
@@ -64,19 +67,25 @@ class DockerRuntime:
         return True
 
     async def ensure_image(self, image: str, progress: Progress) -> None:
-        if await self.has_image(image):
-            return
-        progress(f"pulling {image}")
-        try:
-            async for line in self._docker.images.pull(image, stream=True):
-                if "error" in line:
-                    raise ImageUnavailable(f"the image {image} could not be pulled: {line['error']}")
-                status = line.get("status")
-                if status and status in ("Downloading", "Extracting", "Pull complete", "Download complete"):
-                    progress(f"{status} {line.get('id', '')} {line.get('progress', '')}".strip())
-        except DockerError as exc:
-            raise ImageUnavailable(f"the image {image} could not be pulled: {exc.message}") from exc
-        progress(f"pulled {image}")
+        with metrics.docker_call("ensure_image"):
+            if await self.has_image(image):
+                return
+            progress(f"pulling {image}")
+            try:
+                async for line in self._docker.images.pull(image, stream=True):
+                    if "error" in line:
+                        raise ImageUnavailable(f"the image {image} could not be pulled: {line['error']}")
+                    status = line.get("status")
+                    if status and status in (
+                        "Downloading",
+                        "Extracting",
+                        "Pull complete",
+                        "Download complete",
+                    ):
+                        progress(f"{status} {line.get('id', '')} {line.get('progress', '')}".strip())
+            except DockerError as exc:
+                raise ImageUnavailable(f"the image {image} could not be pulled: {exc.message}") from exc
+            progress(f"pulled {image}")
 
     def _config(self, spec: ContainerSpec) -> dict[str, Any]:
         host_config: dict[str, Any] = {
@@ -104,37 +113,40 @@ class DockerRuntime:
         }
 
     async def start(self, spec: ContainerSpec) -> str:
-        # A container of this name is ours and stale (an interrupted start): its desktop starts anew.
-        await self.stop(spec.name)
-        try:
-            container = await self._docker.containers.create(self._config(spec), name=spec.name)
-        except DockerError as exc:
-            raise RuntimeFailure(f"Docker could not create the container: {exc.message}") from exc
-        try:
-            await container.start()
-        except DockerError as exc:
-            with contextlib.suppress(DockerError):
-                await container.delete(force=True)
-            if _port_taken(exc):
-                raise PortTaken(f"host port {spec.host_port} is taken") from exc
-            raise RuntimeFailure(f"Docker could not start the container: {exc.message}") from exc
-        return str(container.id)
+        with metrics.docker_call("start"):
+            # A container of this name is ours and stale (an interrupted start): its desktop starts anew.
+            await self.stop(spec.name)
+            try:
+                container = await self._docker.containers.create(self._config(spec), name=spec.name)
+            except DockerError as exc:
+                raise RuntimeFailure(f"Docker could not create the container: {exc.message}") from exc
+            try:
+                await container.start()
+            except DockerError as exc:
+                with contextlib.suppress(DockerError):
+                    await container.delete(force=True)
+                if _port_taken(exc):
+                    raise PortTaken(f"host port {spec.host_port} is taken") from exc
+                raise RuntimeFailure(f"Docker could not start the container: {exc.message}") from exc
+            return str(container.id)
 
     async def stop(self, container_id: str) -> None:
-        try:
-            await self._docker.containers.container(container_id).delete(force=True)
-        except DockerError as exc:
-            if exc.status != 404:
-                raise RuntimeFailure(f"Docker could not remove the container: {exc.message}") from exc
+        with metrics.docker_call("stop"):
+            try:
+                await self._docker.containers.container(container_id).delete(force=True)
+            except DockerError as exc:
+                if exc.status != 404:
+                    raise RuntimeFailure(f"Docker could not remove the container: {exc.message}") from exc
 
     async def inspect(self, container_id: str) -> ContainerState:
-        try:
-            data = await self._docker.containers.container(container_id).show()
-        except DockerError as exc:
-            if exc.status == 404:
-                return ContainerState.GONE
-            raise RuntimeFailure(f"Docker could not inspect the container: {exc.message}") from exc
-        return _state(str(data.get("State", {}).get("Status", "")))
+        with metrics.docker_call("inspect"):
+            try:
+                data = await self._docker.containers.container(container_id).show()
+            except DockerError as exc:
+                if exc.status == 404:
+                    return ContainerState.GONE
+                raise RuntimeFailure(f"Docker could not inspect the container: {exc.message}") from exc
+            return _state(str(data.get("State", {}).get("Status", "")))
 
     async def stops_within(self, container_id: str, seconds: float) -> bool:
         try:
@@ -149,7 +161,8 @@ class DockerRuntime:
 
     async def list(self) -> list[ContainerInfo]:
         filters = f'{{"label": ["{LABEL_MANAGED}=true", "{LABEL_INSTANCE}={self.instance}"]}}'
-        containers = await self._docker.containers.list(all=True, filters=filters)
+        with metrics.docker_call("list"):
+            containers = await self._docker.containers.list(all=True, filters=filters)
         infos = []
         for c in containers:
             data = c._container

@@ -11,6 +11,7 @@ import contextvars
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from desktop_gateway import metrics
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity, cookie_from_header, identify
 
@@ -36,8 +37,9 @@ class BrowserIdentity:
 async def _identify(gateway: Gateway, cookie: str) -> Identity | None:
     # A function of its own so that the database session is not kept alive by the caller's frame, which
     # lives as long as the request (hours for a relay).
-    async with gateway.engine.connect() as db:
-        who = await identify(db, gateway.codec, cookie)
+    with metrics.database_lookup("identify"):
+        async with gateway.engine.connect() as db:
+            who = await identify(db, gateway.codec, cookie)
     if who is not None and gateway.session_usage.due(who.session_id, who.last_seen_at):
         gateway.session_usage.seen([who.session_id])
     return who

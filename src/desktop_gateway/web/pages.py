@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from desktop_gateway import closepolicy, desktops, identity, launch
+from desktop_gateway import closepolicy, desktops, identity, launch, metrics
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
@@ -133,6 +133,7 @@ async def launch_page(request: Request) -> Response:
     )
 
 
+@metrics.counts_sign_in("launch")
 async def confirm_launch(request: Request) -> Response:
     """Redeem a single-use launch token: sign the browser in as its user and go to the desktop."""
     gateway: Gateway = request.state.gateway

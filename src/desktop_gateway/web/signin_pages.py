@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from desktop_gateway import closepolicy, identity, people
+from desktop_gateway import closepolicy, identity, metrics, people
 from desktop_gateway.access import ROLES, group_acts
 from desktop_gateway.db.models import Role
 from desktop_gateway.desktops import InvalidUser, normalise_username
@@ -94,6 +94,7 @@ async def login(request: Request) -> Response:
         )
 
 
+@metrics.counts_sign_in("provider")
 async def callback(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     if gateway.provider is None:
@@ -124,6 +125,7 @@ async def dev_login_form(request: Request) -> Response:
     return render("dev_login.html", roles=ROLES)
 
 
+@metrics.counts_sign_in("dev")
 async def dev_login(request: Request) -> Response:
     """Sign in as whoever the form names: for trying the product without an IServ, never for a school
     (refused at start when the public URL is https)."""
