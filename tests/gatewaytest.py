@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from sqlalchemy import text
 from starlette.applications import Starlette
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -26,6 +27,7 @@ from websockets.typing import Origin, Subprotocol
 
 from desktop_gateway import apikeys
 from desktop_gateway.app import create_app
+from desktop_gateway.db.engine import create_engine
 from desktop_gateway.gateway import Gateway, all_going_away
 from desktop_gateway.identity import COOKIE_NAME
 from desktop_gateway.serve import shut_down, uvicorn_config
@@ -53,6 +55,16 @@ async def run_cli(cwd: Path, env: Mapping[str, str], *args: str) -> tuple[int, s
     assert process.returncode is not None
     assert "Traceback" not in err.decode(), err.decode()
     return process.returncode, out.decode(), err.decode()
+
+
+async def make_schema_outdated(database_url: str) -> None:
+    """Leave the database on a revision this version does not know, as an older or newer one would."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
+    finally:
+        await engine.dispose()
 
 
 def missing_real_component(what: str) -> NoReturn:

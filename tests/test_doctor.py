@@ -10,15 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
 import kasm_front
 from apachetest import APACHE_BIN, SITE_CONF, RunningApache, free_port, start_apache
 from conftest import StartGateway
-from desktop_gateway.db.engine import create_engine
 from desktop_gateway.doctor import Check, Status, run_checks
 from desktop_gateway.settings import load_settings
-from gatewaytest import RunningGateway, missing_real_component, run_cli, static_type
+from gatewaytest import RunningGateway, make_schema_outdated, missing_real_component, run_cli, static_type
 
 
 @pytest.fixture
@@ -153,12 +151,7 @@ async def test_an_outdated_schema_fails_with_the_command_and_json_for_scripts(
     """A database on an older revision: FAIL naming `desktop-gateway db upgrade`; `doctor --json` prints
     the checks as JSON and exits 1."""
     gw = await start_gateway()
-    engine = create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
-    finally:
-        await engine.dispose()
+    await make_schema_outdated(database_url)
     check = by_name(await run_checks(gw.settings))["database schema"]
     assert check.status is Status.FAIL
     assert check.fix is not None

@@ -16,7 +16,7 @@ from desktop_gateway.db.engine import create_engine
 from desktop_gateway.db.models import Base
 from desktop_gateway.gateway import SchemaOutdated, open_gateway
 from desktop_gateway.settings import load_settings
-from gatewaytest import SECRET
+from gatewaytest import SECRET, make_schema_outdated
 
 
 def _differences(connection: Connection) -> list[Any]:
@@ -36,12 +36,7 @@ async def test_migrations_match_the_models(database_url: str) -> None:
 
 async def test_outdated_schema_is_refused_with_the_command(database_url: str, tmp_path: Path) -> None:
     """A configured database on an older revision is refused, naming `desktop-gateway db upgrade`."""
-    engine = create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE alembic_version SET version_num = 'older'"))
-    finally:
-        await engine.dispose()
+    await make_schema_outdated(database_url)
     settings = load_settings(
         {"DESKTOP_GATEWAY_DATABASE_URL": database_url, "DESKTOP_GATEWAY_SECRET_KEY": SECRET}, workdir=tmp_path
     )
