@@ -176,18 +176,29 @@ async def settle_endpoint_desktops(db: AsyncSession, types: Mapping[str, Desktop
     return settled
 
 
-async def ensure_user(db: AsyncSession, username: str) -> User:
-    """The user the portal means by ``username``, created if there is none.
+async def find_user(db: AsyncSession | AsyncConnection, username: str) -> User | None:
+    """The user the portal (or an admin) means by ``username``, if there is one.
 
-    The portal names people by their current account name. Someone who signed in has it as
-    ``account_name`` (their handle stays what it was when they were created, even after a rename); a
-    handle whose owner has since been renamed no longer answers to the old name.
+    People are named by their current account name. Someone who signed in has it as ``account_name``
+    (their handle stays what it was when they were created, even after a rename); a handle whose owner
+    has since been renamed no longer answers to the old name.
     """
     current = (
         (await db.execute(select(User).where(User.account_name == username).order_by(User.id)))
         .scalars()
         .first()
     )
+    if current is not None:
+        return current
+    query = select(User).where(
+        User.username == username, User.account_name.is_(None) | (User.account_name == username)
+    )
+    return (await db.execute(query)).scalar_one_or_none()
+
+
+async def ensure_user(db: AsyncSession, username: str) -> User:
+    """The user the portal means by ``username`` (see :func:`find_user`), created if there is none."""
+    current = await find_user(db, username)
     if current is not None:
         return current
     query = select(User).where(User.username == username)
@@ -381,8 +392,10 @@ async def get_desktop(db: AsyncSession, desktop_id: str) -> DesktopView:
 async def list_desktops(db: AsyncSession, raw_user: object | None = None) -> list[DesktopView]:
     query = select(Desktop, User.username).join(User, User.id == Desktop.user_id).order_by(Desktop.created_at)
     if raw_user is not None:
-        name = normalise_username(raw_user)
-        query = query.where((User.account_name == name) | (User.username == name))
+        user = await find_user(db, normalise_username(raw_user))
+        if user is None:
+            return []
+        query = query.where(Desktop.user_id == user.id)
     return [DesktopView.of(d, u) for d, u in (await db.execute(query)).all()]
 
 

@@ -19,7 +19,7 @@ from desktop_gateway.audit import AuditLog
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
-from desktop_gateway.desktops import settle_endpoint_desktops, sync_desktop_types
+from desktop_gateway.desktops import Limits, settle_endpoint_desktops, sync_desktop_types
 from desktop_gateway.events import DesktopEvents
 from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
@@ -66,6 +66,16 @@ class Gateway:
     @property
     def has_image_types(self) -> bool:
         return any(not t.is_static for t in self.desktop_types.values())
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.settings.max_desktops_per_user, self.settings.max_desktops)
+
+    async def can_start_images(self, type_name: object) -> bool:
+        """Whether a request for ``type_name`` may start a container now: it is an image type and the
+        Docker engine answers (endpoint types need neither)."""
+        desktop_type = self.desktop_types.get(type_name) if isinstance(type_name, str) else None
+        return desktop_type is not None and not desktop_type.is_static and await self.docker_reachable()
 
     async def docker_reachable(self) -> bool:
         """Whether the Docker engine answers now (a few seconds at most)."""

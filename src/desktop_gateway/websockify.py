@@ -124,15 +124,14 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
     if name is None:
         await deny(closepolicy.NO_DESKTOP_NAMED, "no desktop named by path, query or referer")
         return
-    found = await _find(gateway, name)
+    found, decision = await _look_up(gateway, name, identity)
     if found is None:
         await deny(closepolicy.NO_SUCH_DESKTOP, "no desktop of that name")
         return
-    if found.owner_id != identity.user_id:
+    if decision is None:
         # The same sentence as for a missing desktop: names are guessable, ownership is not to be probed.
         await deny(closepolicy.NO_SUCH_DESKTOP, "desktop belongs to another user")
         return
-    decision = await _decide(gateway, identity, found.desktop_type)
     if not decision.allowed:
         await deny(closepolicy.NOT_ALLOWED_TYPE, f"type {found.desktop_type} not allowed")
         return
@@ -238,17 +237,24 @@ async def _dial_and_relay(
     _log_outcome(gateway, handle, outcome)
 
 
-async def _find(gateway: Gateway, name: str) -> desktops.RelayTarget | None:
-    # Not inline: the relay's frame lives for hours and would keep the finished session alive.
-    with metrics.database_lookup("find_desktop"):
-        async with gateway.engine.connect() as db:
-            return await desktops.find_by_name(db, name)
+async def _look_up(
+    gateway: Gateway, name: str, identity: Identity
+) -> tuple[desktops.RelayTarget | None, Decision | None]:
+    """The desktop called ``name``, and whether ``identity`` may use its type (``None`` when the desktop
+    is not theirs): one pooled connection for both, since every connect asks.
 
-
-async def _decide(gateway: Gateway, identity: Identity, type_name: str) -> Decision:
-    with metrics.database_lookup("decide_access"):
-        async with gateway.engine.connect() as db:
-            return await grants.decide_by_name(db, identity.person, gateway.desktop_types, type_name)
+    Not inline: the relay's frame lives for hours and would keep the finished connection alive.
+    """
+    async with gateway.engine.connect() as db:
+        with metrics.database_lookup("find_desktop"):
+            found = await desktops.find_by_name(db, name)
+        if found is None or found.owner_id != identity.user_id:
+            return found, None
+        with metrics.database_lookup("decide_access"):
+            decision = await grants.decide_by_name(
+                db, identity.person, gateway.desktop_types, found.desktop_type
+            )
+        return found, decision
 
 
 def _log_outcome(gateway: Gateway, handle: RelayHandle, outcome: Outcome) -> None:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from desktop_gateway import apikeys, closepolicy, grants, people
 from desktop_gateway.access import ROLES, Person
 from desktop_gateway.db.models import Role, User
-from desktop_gateway.desktops import DesktopError, normalise_username
+from desktop_gateway.desktops import DesktopError, find_user, normalise_username
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.origins import origin_allowed
@@ -179,13 +179,12 @@ async def add_type_grant(request: Request, gateway: Gateway, caller: str) -> Res
         user_id = None
         if username is not None:
             name = normalise_username(username)
-            user_id = await db.scalar(
-                select(User.id).where((User.account_name == name) | (User.username == name)).order_by(User.id)
-            )
-            if user_id is None:
+            granted = await find_user(db, name)
+            if granted is None:
                 return problem(
                     404, "User not found", f"no user is called {name!r}; they must sign in once first"
                 )
+            user_id = granted.id
         grant_id = await grants.add_grant(db, type_name, group=group, user_id=user_id, by=caller[:100])
         await db.commit()
         (found,) = await grants.list_grants(db, grant_id)
@@ -215,18 +214,7 @@ async def desktop_types(request: Request, gateway: Gateway, caller: str) -> Resp
         if raw_user is None:
             usable = list(gateway.desktop_types.values())
         else:
-            name = normalise_username(raw_user)
-            user = (
-                (
-                    await db.execute(
-                        select(User)
-                        .where((User.account_name == name) | (User.username == name))
-                        .order_by(User.id)
-                    )
-                )
-                .scalars()
-                .first()
-            )
+            user = await find_user(db, normalise_username(raw_user))
             person = grants.person_of(user) if user is not None else None
             if person is None:
                 # Not known yet: what a student without groups may use (the portal creates people so).

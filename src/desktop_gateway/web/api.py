@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from desktop_gateway import apikeys, desktops
 from desktop_gateway.db.models import DesktopState
-from desktop_gateway.desktops import DesktopError, DesktopView, Limits, OverLimit
+from desktop_gateway.desktops import DesktopError, DesktopView, OverLimit
 from desktop_gateway.events import DesktopEvent
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.origins import public_base
@@ -96,12 +96,7 @@ async def create_desktop(request: Request, gateway: Gateway) -> Response:
     missing = [k for k in ("user", "desktop_type") if k not in data]
     if missing:
         return problem(422, "Missing fields", f"the body needs {' and '.join(missing)}")
-    desktop_type = (
-        gateway.desktop_types.get(data["desktop_type"]) if isinstance(data["desktop_type"], str) else None
-    )
-    can_run_images = (
-        desktop_type is not None and not desktop_type.is_static and await gateway.docker_reachable()
-    )
+    can_run_images = await gateway.can_start_images(data["desktop_type"])
     settings = gateway.settings
     async with gateway.sessions() as db:
         requested = await desktops.request_desktop(
@@ -109,7 +104,7 @@ async def create_desktop(request: Request, gateway: Gateway) -> Response:
             gateway.desktop_types,
             data["user"],
             data["desktop_type"],
-            limits=Limits(settings.max_desktops_per_user, settings.max_desktops),
+            limits=gateway.limits,
             instance=settings.instance,
             can_run_images=can_run_images,
         )

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from desktop_gateway import desktops, grants
 from desktop_gateway.db.models import Desktop
-from desktop_gateway.desktops import DesktopError, Limits
+from desktop_gateway.desktops import DesktopError
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.origins import origin_allowed
@@ -63,9 +63,7 @@ async def start(request: Request) -> Response:
     if who is None:
         return message(401, "Not signed in", "Sign in first.")
     type_name = request.path_params["type_name"]
-    desktop_type = gateway.desktop_types.get(type_name)
-    can_run = desktop_type is not None and not desktop_type.is_static and await gateway.docker_reachable()
-    settings = gateway.settings
+    can_run = await gateway.can_start_images(type_name)
     try:
         async with gateway.sessions() as db:
             requested = await desktops.request_desktop_for(
@@ -73,8 +71,8 @@ async def start(request: Request) -> Response:
                 gateway.desktop_types,
                 who.user_id,
                 type_name,
-                limits=Limits(settings.max_desktops_per_user, settings.max_desktops),
-                instance=settings.instance,
+                limits=gateway.limits,
+                instance=gateway.settings.instance,
                 can_run_images=can_run,
             )
             await db.commit()
