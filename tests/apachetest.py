@@ -32,6 +32,7 @@ MODULES = {
     "proxy_module": "mod_proxy.so",
     "proxy_http_module": "mod_proxy_http.so",
     "headers_module": "mod_headers.so",
+    "setenvif_module": "mod_setenvif.so",
 }
 READY_ATTEMPTS = 200  # connect attempts, each followed by up to READY_WAIT seconds of watching the process
 READY_WAIT = 0.05
@@ -74,8 +75,7 @@ def write_config(root: Path, port: int, backend: str, site: Path = SITE_CONF) ->
         f"{_run_as()}"
         "ServerName 127.0.0.1\n"
         f"Listen 127.0.0.1:{port}\n"
-        'LogFormat "%h %t \\"%r\\" %>s %b %D" timed\n'
-        f'CustomLog "{root / "access.log"}" timed\n'
+        f"Define DESKTOP_GATEWAY_ACCESS_LOG {root / 'access.log'}\n"
         f"Define DESKTOP_GATEWAY_BACKEND {backend}\n"
         f"Define DESKTOP_GATEWAY_LISTEN {port}\n"
         "Define DESKTOP_GATEWAY_SERVER_NAME 127.0.0.1\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -13,11 +14,15 @@ from typing import Any
 import asyncpg
 import pytest
 import uvloop
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 import kasm_front
+import secretlog
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine
+from desktop_gateway.logs import quiet_libraries
 from gatewaytest import ASGI_SERVERS, SERVE, RunningGateway, missing_real_component, start_gateway_on
 from oidctest import OidcProvider, OidcProviderMissing, oidc_provider_process
 
@@ -75,6 +80,39 @@ def postgres_admin_url() -> Iterator[str | None]:
     asyncio.run(_drop_template(url))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def run_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every log record of this process, in a file of the run's, for the search for secrets at its end."""
+    path = tmp_path_factory.getbasetemp() / secretlog.RUN_LOG
+    quiet_libraries("INFO")  # what `serve` logs: not the libraries' (the tests' clients') request lines
+    handler = secretlog.RunLog(path)
+    logging.getLogger().addHandler(handler)
+    yield path
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+SECRET_COLUMNS = (
+    "SELECT vnc_password FROM desktops",
+    "SELECT id FROM browser_sessions",
+    "SELECT id_token FROM browser_sessions",
+)
+
+
+async def remember_secrets_made(url: str) -> None:
+    """Remember the secrets a test's gateways made and kept in its database, before it is dropped."""
+    engine = create_engine(url)
+    try:
+        for query in SECRET_COLUMNS:
+            try:
+                async with engine.connect() as conn:
+                    secretlog.used(*(row[0] for row in await conn.execute(text(query))))
+            except SQLAlchemyError:  # a test that took the table away (an outdated schema, say)
+                continue
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def database_url(
     request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
@@ -86,6 +124,7 @@ async def database_url(
         await schema.upgrade(engine)
         await engine.dispose()
         yield url
+        await remember_secrets_made(url)
         return
     if postgres_admin_url is None:
         pytest.skip(f"set {POSTGRES_ENV} (scripts/start-postgres prints one) to run the PostgreSQL variant")
@@ -95,7 +134,9 @@ async def database_url(
         await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
     finally:
         await admin.close()
-    yield make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    await remember_secrets_made(url)
     admin = await asyncpg.connect(_plain_dsn(postgres_admin_url, "postgres"))
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -117,14 +158,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Other ASGI servers run on SQLite only: the database has no part in what a server changes."""
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
+    last: list[pytest.Item] = []
     for item in items:
+        if item.get_closest_marker("after_all_others"):
+            last.append(item)
+            continue
         params = getattr(item, "callspec", None)
         server = params.params.get("asgi_server", SERVE.name) if params else SERVE.name
         database = params.params.get("database_url") if params else None
         (drop if server != SERVE.name and database == "postgresql" else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    items[:] = keep + last
 
 
 def listening_socket() -> socket.socket:

@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
+import secretlog
 from desktop_gateway import apikeys
 from desktop_gateway.app import create_app
 from desktop_gateway.db.engine import create_engine
@@ -35,6 +36,7 @@ from desktop_gateway.settings import Settings, load_settings
 
 CLI_TIMEOUT = 60
 SECRET = "test-secret-key-that-is-long-enough-0123456789"
+secretlog.used(SECRET)
 
 
 async def run_cli(cwd: Path, env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
@@ -50,9 +52,13 @@ async def run_cli(cwd: Path, env: Mapping[str, str], *args: str) -> tuple[int, s
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    secretlog.used_in_env(env)
     async with asyncio.timeout(CLI_TIMEOUT):
         out, err = await process.communicate()
     assert process.returncode is not None
+    secretlog.output(err.decode())
+    if args[:2] == ("api-key", "create"):
+        secretlog.used(out.decode().strip())
     assert "Traceback" not in err.decode(), err.decode()
     return process.returncode, out.decode(), err.decode()
 
@@ -195,6 +201,7 @@ async def follow_launch_link(browser: httpx.AsyncClient, launch_url: str) -> htt
     """What a person's browser does with a launch link: open it, then press the button on the page it
     shows (a form posted back to the gateway, with that page's Origin). Returns the last answer: the
     confirmation's, or the link's own when it shows no form (a refusal)."""
+    secretlog.used(launch_url.rpartition("/launch/")[2])
     page = await browser.get(launch_url)
     form = LAUNCH_FORM.search(page.text) if page.status_code == 200 else None
     if form is None:
@@ -288,6 +295,8 @@ async def start_gateway_on(
             running.api_key_name = f"test portal {port}"  # gateways of one test share a database
             running.api_key = await apikeys.create_api_key(db, running.api_key_name)
             await db.commit()
+        secretlog.used(running.api_key)
+        secretlog.used_in_env(env)
     except BaseException:
         # A server left running would keep the test's event loop from closing (and hide this error).
         if not task.done():

@@ -27,6 +27,8 @@ from urllib.parse import quote
 
 import httpx
 
+import secretlog
+
 PROVIDER_DIR = Path(__file__).resolve().parent / "oidcprovider"
 PROVIDER_SCRIPT = PROVIDER_DIR / "provider.mjs"
 INSTALL = "run `npm ci --prefix tests/oidcprovider`"
@@ -99,6 +101,7 @@ class OidcProvider:
             response = await client.post(endpoint, json=registration)
         assert response.status_code == 201, f"registration refused: {response.status_code} {response.text}"
         body = response.json()
+        secretlog.used(body["client_secret"])
         return body["client_id"], body["client_secret"]
 
     async def set_account(

@@ -92,12 +92,19 @@ async def launch_url(gw: RunningGateway, desktop_id: str) -> str:
     return url
 
 
-async def open_launch_link(chromium: Chromium, url: str, name: str) -> Page:
-    """Open a launch link in a new tab; return once the viewer page of ``name`` is shown."""
+async def open_launch_link(
+    chromium: Chromium, url: str, name: str, ignore_certificate_errors: bool = False
+) -> Page:
+    """Open a launch link in a new tab; return once the viewer page of ``name`` is shown.
+
+    ``ignore_certificate_errors``: for a test's Apache with its throwaway certificate (this tab only).
+    """
     port = urlsplit(url).port
     assert port is not None, url
     await chromium.expose(port)
     page = await chromium.new_page()
+    if ignore_certificate_errors:
+        await page.send("Security.setIgnoreCertificateErrors", ignore=True)
     await page.navigate(url)
     # The link shows whose desktop it opens; the person presses the button, as a student does.
     await page.wait_for(

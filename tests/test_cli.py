@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from websockets.typing import Origin, Subprotocol
 
 import kasm_front
+import secretlog
 from desktop_gateway import apikeys
 from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
@@ -44,6 +45,7 @@ def clean_env(**settings: str) -> dict[str, str]:
     """This environment without DESKTOP_GATEWAY_* variables, plus ``settings`` (names without prefix)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DESKTOP_GATEWAY_")}
     env.update({f"DESKTOP_GATEWAY_{k}": v for k, v in settings.items()})
+    secretlog.used_in_env(env)
     return env
 
 
@@ -52,15 +54,15 @@ def command(*args: str) -> list[str]:
 
 
 def run(cwd: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(*args),
-        cwd=cwd,
-        env=dict(env) if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
+    env = dict(env) if env is not None else clean_env()
+    secretlog.used_in_env(env)
+    done = subprocess.run(
+        command(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
     )
+    secretlog.output(done.stderr)
+    if args[:2] == ("api-key", "create"):
+        secretlog.used(done.stdout.strip())
+    return done
 
 
 def free_port() -> int:

@@ -92,16 +92,18 @@ async def containers_of(instance: str) -> list[dict[str, Any]]:
 
 async def wait_for_state(gw: RunningGateway, desktop_id: str, states: tuple[str, ...]) -> dict[str, Any]:
     """Follow the desktop's server-sent events until it reaches one of ``states``; return the desktop."""
+    async with gw.portal() as portal:
+        return await follow_until(portal, desktop_id, states)
+
+
+async def follow_until(portal: httpx.AsyncClient, desktop_id: str, states: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`wait_for_state` with the portal's own client (another base URL, e.g. through Apache)."""
     async with asyncio.timeout(WAIT):
         while True:
-            async with (
-                gw.portal() as portal,
-                portal.stream("GET", f"/api/v1/desktops/{desktop_id}/events", timeout=WAIT) as stream,
-            ):
+            async with portal.stream("GET", f"/api/v1/desktops/{desktop_id}/events", timeout=WAIT) as stream:
                 async for _ in stream.aiter_lines():
                     pass
-            async with gw.portal() as portal:
-                desktop: dict[str, Any] = (await portal.get(f"/api/v1/desktops/{desktop_id}")).json()
+            desktop: dict[str, Any] = (await portal.get(f"/api/v1/desktops/{desktop_id}")).json()
             if desktop["state"] in states:
                 return desktop
             assert desktop["state"] in ("starting", "stopping"), (

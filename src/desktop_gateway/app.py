@@ -14,6 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from desktop_gateway.gateway import open_gateway
+from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
 from desktop_gateway.web import admin, api, assets, home, pages, scrape, signin_pages
 from desktop_gateway.web.authn import BrowserIdentity
@@ -25,6 +26,7 @@ from desktop_gateway.websockify import Websockify
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the ASGI app. Settings are read from the environment when not given (at call time)."""
     settings = load_settings() if settings is None else settings
+    redact_access_logs()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, object]]:

@@ -29,6 +29,22 @@ class RedactLaunchTokens(logging.Filter):
         return True
 
 
+# The access loggers of the ASGI servers the gateway is run under; their lines carry request paths.
+ACCESS_LOGGERS = ("uvicorn.access", "hypercorn.access", "granian.access")
+
+
+def redact_access_logs() -> None:
+    """Keep launch tokens out of the ASGI server's access log, whoever set up logging (idempotent).
+
+    Called by the app factory, so that it holds under any server and any logging configuration, not
+    only under ``desktop-gateway serve``.
+    """
+    for name in ACCESS_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactLaunchTokens) for f in logger.filters):
+            logger.addFilter(RedactLaunchTokens())
+
+
 LOG_FORMATS = ("text", "json")
 CONNECTION_FIELDS = ("conn", "user", "desktop")
 
@@ -84,17 +100,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def quiet_libraries(level: str) -> None:
+    """Each relay and request is logged once, by the gateway and the server's access log; the libraries'
+    own per-connection and per-request lines (websockets, httpx for the asset proxy) would repeat them."""
+    for name in ("websockets", "alembic", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING if level == "INFO" else level)
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(RedactLaunchTokens())
     handler.addFilter(ConnectionFields())
-    # On the logger too, so the redaction holds whatever handlers a deployment attaches.
-    logging.getLogger("uvicorn.access").addFilter(RedactLaunchTokens())
+    redact_access_logs()  # on the loggers too, so it holds whatever handlers a deployment attaches
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Each relay is logged once by the gateway; the libraries' own per-connection lines would repeat it.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("uvicorn.error").setLevel(logging.WARNING if level == "INFO" else level)
+    quiet_libraries(level)

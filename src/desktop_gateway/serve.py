@@ -3,7 +3,8 @@
 Two things differ from plain ``uvicorn``: at shutdown every relay is first closed with 1001 and a
 sentence (uvicorn alone would drop browsers with a bare 1012), and the schema is checked or upgraded
 once, in the parent, before any worker starts. With several workers, the parent also gives them one
-directory for their metrics and tells it when a worker is gone (see :mod:`desktop_gateway.metrics`).
+directory for their metrics and tells it when a worker is gone (see :mod:`desktop_gateway.metrics`),
+and SIGHUP replaces the workers without a moment in which none serves (a rolling restart).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import asyncio
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.context
+import multiprocessing.synchronize
 import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -41,9 +45,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return uvloop.new_event_loop
 
 
-def _run(server: uvicorn.Server, sockets: list[socket.socket] | None) -> None:
+def _run(
+    server: uvicorn.Server, sockets: list[socket.socket] | None, on_started: Callable[[], None] | None = None
+) -> None:
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve_until_signalled(server, sockets))
+        runner.run(serve_until_signalled(server, sockets, on_started))
 
 
 async def shut_down(server: uvicorn.Server) -> None:
@@ -56,12 +62,16 @@ async def shut_down(server: uvicorn.Server) -> None:
     server.should_exit = True
 
 
-async def serve_until_signalled(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+async def serve_until_signalled(
+    server: uvicorn.Server,
+    sockets: list[socket.socket] | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
     """Run ``server`` until SIGTERM or SIGINT, then :func:`shut_down` it.
 
     uvicorn installs its own signal handlers while it serves (and restores the previous ones after), so
     the signals are taken over once it has started; one that comes before that is seen by uvicorn itself,
-    which shuts down as it always does.
+    which shuts down as it always does. ``on_started`` is called once the server accepts connections.
     """
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
@@ -78,6 +88,8 @@ async def serve_until_signalled(server: uvicorn.Server, sockets: list[socket.soc
     if not serving.done():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_signal)
+        if on_started is not None:
+            on_started()
     waiting = asyncio.create_task(signalled.wait())
     await asyncio.wait((serving, waiting), return_when=asyncio.FIRST_COMPLETED)
     waiting.cancel()
@@ -203,6 +215,8 @@ def _announce(settings: Settings, host: str, port: int, workers: int) -> None:
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     _announce(settings, host, port, workers)
+    # A reload (``systemctl reload``) must never end a single-process gateway: SIGHUP's default would.
+    signal.signal(signal.SIGHUP, _reload_needs_workers if workers <= 1 else signal.SIG_IGN)
     try:
         asyncio.run(_prepare(settings))
     except SchemaOutdated as exc:
@@ -232,13 +246,42 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config: uvicorn.Config, log_level: str, log_format: str) -> None:
+def _reload_needs_workers(signum: int, frame: FrameType | None) -> None:
+    log.warning(
+        "SIGHUP ignored: a rolling restart needs serve --workers 2 or more; restart the service instead"
+    )
+
+
+def _worker(
+    config: uvicorn.Config, log_level: str, log_format: str, started: multiprocessing.synchronize.Event
+) -> None:
     setup_logging(log_level, log_format)  # a spawned process starts with no logging set up
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's signal, for the whole process group
     if config.limit_concurrency is not None:
         raise_open_file_limit(config.limit_concurrency)
     sock = reuseport_socket(config.host, config.port)
     sock.listen(config.backlog)
-    _run(uvicorn.Server(config), [sock])
+    _run(uvicorn.Server(config), [sock], started.set)
+
+
+# How long a new worker may take to accept connections in a rolling restart before the restart is
+# given up (it imports the code, opens the database and checks its schema).
+WORKER_READY_TIMEOUT = 60.0
+
+
+class _Worker:
+    """One worker process and the event it sets once it accepts connections."""
+
+    def __init__(
+        self, context: multiprocessing.context.SpawnContext, run: Callable[..., None], *args: object
+    ):
+        self.started = context.Event()
+        self.process = context.Process(target=run, args=(*args, self.started), daemon=False)
+        self.process.start()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 def _supervise(
@@ -249,7 +292,7 @@ def _supervise(
     The workers are spawned (fresh interpreters), so they inherit ``PROMETHEUS_MULTIPROC_DIR`` from
     this process's environment before they import prometheus_client. This loop sees every worker end,
     so a dead worker's metrics gauges are dropped here (uvicorn's own supervisor, ``uvicorn --workers``,
-    has no public hook for a worker's exit).
+    has no public hook for a worker's exit). SIGHUP starts a rolling restart (:func:`_roll`).
     """
     try:
         # Held (bound, not listening) for the supervisor's lifetime: a taken port is reported here, once.
@@ -260,35 +303,90 @@ def _supervise(
         )
         return 2
     context = multiprocessing.get_context("spawn")
-    processes: list[multiprocessing.process.BaseProcess] = []
+    running: list[_Worker] = []
     stopping = False
+    reload_asked = False
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_worker, args=(config, log_level, log_format), daemon=False)
-        process.start()
-        return process
+    def start() -> _Worker:
+        return _Worker(context, _worker, config, log_level, log_format)
+
+    def ended(worker: _Worker) -> None:
+        worker.process.join()
+        if worker.process.pid is not None:
+            metrics.worker_exited(worker.process.pid, metrics_directory)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                process.terminate()
+        for worker in running:
+            worker.stop()
+
+    def on_reload(signum: int, frame: FrameType | None) -> None:
+        nonlocal reload_asked
+        reload_asked = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    processes.extend(start() for _ in range(workers))
+    signal.signal(signal.SIGHUP, on_reload)
+    running.extend(start() for _ in range(workers))
     while not stopping:
-        multiprocessing.connection.wait([p.sentinel for p in processes], timeout=1.0)
-        for i, process in enumerate(processes):
-            if not stopping and process.exitcode is not None:
-                log.error("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
-                if process.pid is not None:
-                    metrics.worker_exited(process.pid, metrics_directory)
-                processes[i] = start()
-    for process in processes:
-        process.join()
-        if process.pid is not None:
-            metrics.worker_exited(process.pid, metrics_directory)
+        multiprocessing.connection.wait([w.process.sentinel for w in running], timeout=1.0)
+        for i, worker in enumerate(running):
+            if not stopping and worker.process.exitcode is not None:
+                log.error(
+                    "worker %d exited with %s; starting a new one",
+                    worker.process.pid,
+                    worker.process.exitcode,
+                )
+                ended(worker)
+                running[i] = start()
+        if reload_asked and not stopping:
+            reload_asked = False
+            running[:] = _roll(running, start, ended, lambda: stopping)
+    for worker in running:
+        ended(worker)
     held.close()
     return 0
+
+
+def _roll(
+    old: list[_Worker],
+    start: Callable[[], _Worker],
+    ended: Callable[[_Worker], None],
+    stopping: Callable[[], bool],
+) -> list[_Worker]:
+    """Replace every worker: start as many new ones, and stop the old ones once all new ones serve.
+
+    New workers import the code afresh, so this is also how an upgrade of the installed package is
+    taken up without a moment in which nobody answers. The old workers close their relays with 1001
+    and a sentence, and noVNC reconnects to a new worker; containers and rows are not touched. If a
+    new worker does not come up (a broken upgrade, an outdated schema), the new ones are stopped and
+    the old ones keep serving. Blocks the supervisor for at most ``WORKER_READY_TIMEOUT`` plus the old
+    workers' graceful shutdown.
+    """
+    log.info("rolling restart: starting %d new worker(s)", len(old))
+    new = [start() for _ in old]
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT
+    while not all(w.started.is_set() for w in new):
+        if stopping() or time.monotonic() > deadline or any(w.process.exitcode is not None for w in new):
+            for worker in new:
+                worker.stop()
+            for worker in new:
+                ended(worker)
+            if not stopping():
+                log.error(
+                    "rolling restart given up: a new worker did not start (see its lines above); "
+                    "the old workers keep serving"
+                )
+            return old
+        multiprocessing.connection.wait([w.process.sentinel for w in new], timeout=0.1)
+    for worker in old:
+        worker.stop()
+    for worker in old:
+        ended(worker)
+    log.info(
+        "rolling restart done: workers %s replaced by %s",
+        ", ".join(str(w.process.pid) for w in old),
+        ", ".join(str(w.process.pid) for w in new),
+    )
+    return new
