@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import select
@@ -16,7 +19,7 @@ from sqlalchemy.engine import make_url
 from conftest import StartGateway
 from desktop_gateway.db.models import ApiKey
 from desktop_gateway.identity import COOKIE_NAME
-from gatewaytest import RunningGateway, static_type
+from gatewaytest import SECRET, RunningGateway, run_cli, static_type
 
 SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 POSTGRES = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -163,3 +166,21 @@ async def test_postgres_going_down_gives_503_and_readyz_notices(
         async with asyncio.timeout(8):
             assert_database_problem(await portal.get("/api/v1/desktops"))
             assert (await portal.get("/readyz")).status_code == 503
+
+
+@POSTGRES
+async def test_read_only_postgres_is_named_at_start(database_url: str, tmp_path: Path) -> None:
+    """A PostgreSQL database that takes no writes (as a standby, or with default_transaction_read_only):
+    ``api-key create`` exits 3 with a sentence that says so and what to do, not "cannot reach"."""
+    url = make_url(database_url)
+    admin = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        await admin.execute(f'ALTER DATABASE "{url.database}" SET default_transaction_read_only = on')
+    finally:
+        await admin.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DESKTOP_GATEWAY_")}
+    env.update({"DESKTOP_GATEWAY_DATABASE_URL": database_url, "DESKTOP_GATEWAY_SECRET_KEY": SECRET})
+    code, out, err = await run_cli(tmp_path, env, "api-key", "create", "portal")
+    assert code == 3, (out, err)
+    assert "the database server accepts no writes" in err
+    assert "dgk_" not in out

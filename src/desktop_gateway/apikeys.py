@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from desktop_gateway.db.faults import storage_problem
 from desktop_gateway.db.models import ApiKey, utcnow
 
 log = logging.getLogger("desktop_gateway")
@@ -186,8 +187,9 @@ class KeyUsage:
     """Records when each key was last used: at most once per USAGE_INTERVAL per key and process, in the
     background, so that checking a key never writes on the request's path."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], sqlite_file: str | None = None) -> None:
         self.sessions = sessions
+        self.sqlite_file = sqlite_file  # to tell a full disk or a read-only file in the log line
         self.recorded: dict[str, float] = {}  # key id -> monotonic time of the last write (or decision)
         self.writes: set[asyncio.Task[None]] = set()
 
@@ -214,7 +216,11 @@ class KeyUsage:
                 )
                 await db.commit()
         except Exception as exc:  # the request was served; only the record is lost
-            log.warning("could not record the use of the API key %r: %s", caller.key_name, type(exc).__name__)
+            log.warning(
+                "could not record the use of the API key %r: %s",
+                caller.key_name,
+                storage_problem(exc, self.sqlite_file) or type(exc).__name__,
+            )
 
     async def close(self) -> None:
         await asyncio.gather(*self.writes, return_exceptions=True)

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from desktop_gateway.db.engine import sqlite_file
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
@@ -50,7 +51,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(DatabaseFailures), Middleware(BrowserIdentity)],
+        middleware=[
+            Middleware(DatabaseFailures, sqlite_file=sqlite_file(settings.database_url.reveal())),
+            Middleware(BrowserIdentity),
+        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )

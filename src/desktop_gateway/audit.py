@@ -9,6 +9,10 @@ Much of what is recorded is chosen by whoever connects (a desktop name from the 
 so every field is cut to its column's length before it is queued: PostgreSQL refuses an over-long value
 and with it the whole batch. Should a batch still fail, its events are written one by one, so that one
 event the database refuses never takes the others with it.
+
+A batch that fails because the disk is full or the database read-only is kept and tried again every
+STORAGE_RETRY seconds until it is written: that lasts until an administrator acts, and these events are
+the record of who used which desktop meanwhile. Events recorded in the meantime wait in the queue.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from sqlalchemy import String, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from desktop_gateway.db.faults import storage_problem
 from desktop_gateway.db.models import AuditEvent, utcnow
 
 log = logging.getLogger("desktop_gateway.audit")
 BATCH = 500
 # ``detail`` is unbounded text; a refused handshake's Origin can be kilobytes, and nobody reads that much.
 UNBOUNDED_LIMIT = 500
+STORAGE_RETRY = 5.0
 
 
 class _Event(NamedTuple):
@@ -59,11 +65,18 @@ def clip(value: str | None, limit: int) -> str | None:
 
 
 class AuditLog:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], capacity: int = 10_000) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        capacity: int = 10_000,
+        sqlite_file: str | None = None,
+    ) -> None:
         self._sessions = sessions
         self._queue: asyncio.Queue[_Event] = asyncio.Queue(maxsize=capacity)
         self._task: asyncio.Task[None] | None = None
         self._dropped = 0
+        self._sqlite_file = sqlite_file  # to tell a full disk or a read-only file
+        self._held = 0  # events of a batch kept for a retry
 
     def record(
         self, event: str, username: str | None, desktop: str | None, detail: str | None = None
@@ -94,8 +107,13 @@ class AuditLog:
         """Write what is queued, then stop the writer."""
         if self._task is None:
             return
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self.flush(), timeout=10)
+        except TimeoutError:
+            log.error(
+                "%d audit events could not be written before shutdown",
+                self._held + self._queue.qsize(),
+            )
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -118,21 +136,44 @@ class AuditLog:
             await db.commit()
 
     async def _write(self, batch: list[_Event]) -> None:
-        """Write ``batch`` at once; if the database refuses it, event by event, logging each refused one."""
-        try:
-            await self._insert(batch)
+        """Write ``batch`` at once, keeping it while the database cannot store anything; if the database
+        refuses it, event by event, logging each refused one."""
+        kept = False
+        while True:
+            try:
+                await self._insert(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                problem = storage_problem(exc, self._sqlite_file)
+                if problem is None:
+                    await self._write_apart(batch, exc)
+                    break
+                if not kept:
+                    log.error(
+                        "could not write %d audit events: %s; keeping them and trying again every %g s",
+                        len(batch),
+                        problem,
+                        STORAGE_RETRY,
+                    )
+                kept, self._held = True, len(batch)
+                await asyncio.sleep(STORAGE_RETRY)
+                continue
+            if kept:
+                log.info("wrote %d audit events kept while the database could not store them", len(batch))
+            break
+        self._held = 0
+
+    async def _write_apart(self, batch: list[_Event], exc: Exception) -> None:
+        """After ``exc`` refused ``batch``: event by event, unless the database is unreachable."""
+        if len(batch) == 1 or not _refused_data(exc):
+            log.error("could not write %d audit events: %s", len(batch), _cause(exc))
             return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if len(batch) == 1 or not _refused_data(exc):
-                log.error("could not write %d audit events: %s", len(batch), _cause(exc))
-                return
-            log.warning(
-                "could not write %d audit events at once (%s); writing them one by one",
-                len(batch),
-                _cause(exc),
-            )
+        log.warning(
+            "could not write %d audit events at once (%s); writing them one by one",
+            len(batch),
+            _cause(exc),
+        )
         for index, event in enumerate(batch):
             try:
                 await self._insert([event])

@@ -74,12 +74,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, settings)
     except Exception as exc:
-        from desktop_gateway.db.engine import DatabaseUnavailable, is_database_failure
+        from desktop_gateway.db.engine import DatabaseUnavailable, sqlite_file
+        from desktop_gateway.db.faults import diagnose
 
-        if not is_database_failure(exc):
+        diagnosis = diagnose(exc, sqlite_file(settings.database_url.reveal()))
+        if diagnosis is None:
             raise
+        fault, explanation = diagnosis
         where = settings.database_url_for_display
-        if isinstance(exc, DatabaseUnavailable):
+        if fault.cannot_store:
+            print(f"desktop-gateway: cannot use the database {where}: {explanation}.", file=sys.stderr)
+        elif isinstance(exc, DatabaseUnavailable):
             print(
                 f"desktop-gateway: cannot reach the database {where}: {exc}. Check that it runs and that "
                 "DESKTOP_GATEWAY_DATABASE_URL names it.",

@@ -17,7 +17,7 @@ from desktop_gateway import closepolicy
 from desktop_gateway.apikeys import KeyUsage
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db import schema
-from desktop_gateway.db.engine import create_engine, session_factory
+from desktop_gateway.db.engine import create_engine, session_factory, sqlite_file
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
 from desktop_gateway.desktops import Limits, settle_endpoint_desktops, sync_desktop_types
 from desktop_gateway.events import DesktopEvents
@@ -124,7 +124,8 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             for name in await settle_endpoint_desktops(db, types):
                 log.warning("desktop %s was left starting by an interrupted request; settled it", name)
             await db.commit()
-        hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions)
+        database_file = sqlite_file(settings.database_url.reveal())
+        hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions, sqlite_file=database_file)
         runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
         gateway = Gateway(
             settings=settings,
@@ -141,8 +142,8 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             runtime=runtime,
             events=events,
             launcher=Launcher(settings, sessions, types, runtime, events, hub, audit),
-            key_usage=KeyUsage(sessions),
-            session_usage=SessionUsage(sessions),
+            key_usage=KeyUsage(sessions, database_file),
+            session_usage=SessionUsage(sessions, database_file),
             provider=Provider(settings.oidc) if settings.oidc is not None else None,
         )
         gateway.audit.start()

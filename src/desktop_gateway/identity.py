@@ -27,6 +27,7 @@ from desktop_gateway import closepolicy
 from desktop_gateway.access import Person
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.cookies import parse_cookie_header
+from desktop_gateway.db.faults import storage_problem
 from desktop_gateway.db.models import BrowserSession, Role, User, utcnow
 
 log = logging.getLogger("desktop_gateway")
@@ -201,8 +202,9 @@ class SessionUsage:
     """Records when sessions were last used, at most once per TOUCH_INTERVAL each, in the background,
     so that the idle lifetime runs from the last use without a write on every request."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], sqlite_file: str | None = None) -> None:
         self.sessions = sessions
+        self.sqlite_file = sqlite_file  # to tell a full disk or a read-only file in the log line
         self.recorded: dict[str, float] = {}  # session id -> monotonic time of the last write
         self.writes: set[asyncio.Task[None]] = set()
 
@@ -235,7 +237,11 @@ class SessionUsage:
                 )
                 await db.commit()
         except Exception as exc:
-            log.warning("could not record the use of %d sessions: %s", len(session_ids), type(exc).__name__)
+            log.warning(
+                "could not record the use of %d sessions: %s",
+                len(session_ids),
+                storage_problem(exc, self.sqlite_file) or type(exc).__name__,
+            )
 
     async def close(self) -> None:
         await asyncio.gather(*self.writes, return_exceptions=True)

@@ -47,12 +47,24 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=10000")
+        # Each commit reaches the disk before it is reported (SQLite's usual default, stated because some
+        # builds lower it in WAL mode): a file system that turns read-only or a lost power keeps it.
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
     except Exception:
         # A damaged file fails here; the pool drops the connection without closing it, and each such
         # aiosqlite connection would keep its thread for the life of the process.
         dbapi_connection.close()
         raise
+
+
+def sqlite_file(url: str) -> str | None:
+    """The file an SQLite URL names; ``None`` for other databases, in-memory ones and ``file:`` URIs."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else database
 
 
 def create_private_sqlite_file(url: str) -> None:
@@ -62,8 +74,8 @@ def create_private_sqlite_file(url: str) -> None:
     file's mode, so they stay private too. An existing file is left as it is; in-memory databases and
     ``file:`` URIs are SQLite's business.
     """
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
+    database = sqlite_file(url)
+    if database is None:
         return
     try:
         fd = os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
