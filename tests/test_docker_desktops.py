@@ -397,6 +397,7 @@ async def test_viewer_is_warned_before_an_idle_stop(
     assert status["state"] == "running"
     assert status["warning"] is True
     assert status["stop_reason"] == "idle for 10 minutes"
+    assert status["stop_kind"] == "idle"  # what the viewer says in the page's language
     assert status["stops_at"] is not None
 
 

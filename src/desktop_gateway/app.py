@@ -17,7 +17,7 @@ from desktop_gateway.db.engine import sqlite_file
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
-from desktop_gateway.web import admin, api, assets, home, pages, scrape, signin_pages
+from desktop_gateway.web import admin, api, assets, home, i18n, language, pages, scrape, signin_pages
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
 from desktop_gateway.web.unavailable import DatabaseFailures
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *home.routes,
         *signin_pages.routes(settings),
         *pages.routes,
+        *language.routes,
         *scrape.routes,
         Route("/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/websockify", websockify),
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[
+            Middleware(language.LanguageChoice),
             Middleware(DatabaseFailures, sqlite_file=sqlite_file(settings.database_url.reveal())),
             Middleware(BrowserIdentity),
         ],
@@ -74,4 +76,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
             detail.get(exc.status_code, str(exc.detail)),
             headers=exc.headers,
         )
-    return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status_code, headers=exc.headers)
+    sentence = PAGE_ERRORS.get(exc.status_code)
+    text = i18n.t(sentence) if sentence is not None else exc.detail
+    return PlainTextResponse(f"{text}\n", status_code=exc.status_code, headers=exc.headers)
+
+
+# The router's answers a person may see (a mistyped address), in their language.
+PAGE_ERRORS = {404: "error.not_found", 405: "error.method_not_allowed"}

@@ -27,6 +27,11 @@ class SignInRefused(Exception):
     """The provider vouched for someone the gateway cannot let in; the message is for them."""
 
 
+# The refusals' messages (a page shows them in its reader's language).
+NO_SUBJECT = "The sign-in service did not say who you are (no uuid or sub claim)."
+BLOCKED = "Your account is blocked. Ask the school's IT."
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Claims:
     subject: str
@@ -41,7 +46,7 @@ def claims_from(userinfo: Mapping[str, object]) -> Claims:
     """The claims the gateway keeps, from the ID token's and the userinfo endpoint's claims together."""
     subject = userinfo.get("uuid") or userinfo.get("sub")
     if not isinstance(subject, str) or not subject.strip() or len(subject) > 255:
-        raise SignInRefused("The sign-in service did not say who you are (no uuid or sub claim).")
+        raise SignInRefused(NO_SUBJECT)
 
     def text(name: str, limit: int) -> str | None:
         value = userinfo.get(name)
@@ -104,7 +109,7 @@ async def sign_in(
             user = (await db.execute(select(User).where(User.subject == claims.subject))).scalar_one()
             created = True
     if user.blocked_at is not None:
-        raise SignInRefused("Your account is blocked. Ask the school's IT.")
+        raise SignInRefused(BLOCKED)
     user.subject = claims.subject
     user.account_name = claims.account_name
     user.display_name = claims.display_name

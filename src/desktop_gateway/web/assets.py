@@ -77,9 +77,7 @@ async def _desktop_asset(request: Request) -> Response:
         return found
     who, name = request.scope["identity"], found.name
     if found.state != DesktopState.RUNNING or found.target is None:
-        return message(
-            503, "Desktop not running", "The desktop is not running. Start it again from the school portal."
-        )
+        return message(503, "desktop.not_running_heading", "desktop.not_running")
     headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
     authorization = found.target.authorization()
     if authorization is not None:
@@ -96,15 +94,11 @@ async def _desktop_asset(request: Request) -> Response:
         log.warning(
             "asset unreachable: user=%s desktop=%s cause=%s: %s", who.username, name, type(exc).__name__, exc
         )
-        return message(
-            502, "Desktop unreachable", "The desktop cannot be reached right now. Try again shortly."
-        )
+        return message(502, "desktop.unreachable_heading", "desktop.unreachable")
     if upstream.status_code in (401, 403):
         await upstream.aclose()
         log.warning("asset refused: user=%s desktop=%s status=%d", who.username, name, upstream.status_code)
-        return message(
-            502, "Desktop refused", "The desktop refused the gateway. Ask your school's IT to check it."
-        )
+        return message(502, "desktop.refused_heading", "desktop.refused")
     passed = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
     passed["x-frame-options"] = "SAMEORIGIN"
     passed["x-content-type-options"] = "nosniff"

@@ -22,6 +22,14 @@ from desktop_gateway.origins import origin_allowed
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render
 
 log = logging.getLogger("desktop_gateway.pages")
+# What the page says when a start is refused: the refusals' own messages are the API's, in English.
+START_REFUSALS: dict[type[DesktopError], str] = {
+    desktops.InvalidUser: "start.user_gone",  # the only InvalidUser a signed-in person can meet
+    desktops.NotAllowed: "start.not_allowed",
+    desktops.UnknownDesktopType: "start.unknown_type",
+    desktops.TypeUnavailable: "start.type_unavailable",
+    desktops.OverLimit: "start.over_limit",
+}
 
 
 async def home(request: Request) -> Response:
@@ -59,9 +67,9 @@ async def start(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
     if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
-        return message(403, "Cannot start the desktop", "Start desktops from this gateway's own page.")
+        return message(403, "start.cannot", "start.foreign_origin")
     if who is None:
-        return message(401, "Not signed in", "Sign in first.")
+        return message(401, "desktop.not_signed_in_heading", "start.sign_in_first")
     type_name = request.path_params["type_name"]
     can_run = await gateway.can_start_images(type_name)
     try:
@@ -79,8 +87,7 @@ async def start(request: Request) -> Response:
     except DesktopError as exc:
         if isinstance(exc, desktops.NotAllowed):
             gateway.audit.record("deny", who.username, None, f"{type_name}: {exc}")
-        sentence = str(exc)
-        return message(exc.status, "Cannot start the desktop", sentence[:1].upper() + sentence[1:])
+        return message(exc.status, "start.cannot", START_REFUSALS.get(type(exc), "start.failed"))
     gateway.launcher.launch(requested)
     return RedirectResponse(f"/desktop/{requested.view.name}", status_code=303, headers=PAGE_HEADERS)
 

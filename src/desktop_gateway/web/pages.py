@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import secrets
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
@@ -20,6 +22,8 @@ from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
 from desktop_gateway.origins import origin_allowed, public_base
+from desktop_gateway.settings import Settings
+from desktop_gateway.web import i18n
 from desktop_gateway.web.authn import dev_login_on
 
 log = logging.getLogger("desktop_gateway.pages")
@@ -37,11 +41,6 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; base-uri 'none'; frame-ancestors 'none'",
 }
 
-FOREIGN_ORIGIN = (
-    "This request did not come from the desktop gateway's own pages, so it was refused. "
-    "Sign out from your desktop's page.\n"
-)
-
 # A launch link signs in only while its desktop runs or is on its way (the viewer waits for a start).
 LAUNCHABLE = (DesktopState.STARTING, DesktopState.RUNNING)
 
@@ -57,14 +56,36 @@ def page_policy(nonce: str) -> str:
 
 
 def render(template: str, status: int = 200, **context: object) -> HTMLResponse:
+    """``template`` in the request's language: its ``t(key, name=...)`` looks sentences up."""
     nonce = secrets.token_urlsafe(16)
-    html = _templates.get_template(template).render(csp_nonce=nonce, dev_login=dev_login_on.get(), **context)
-    headers = {**PAGE_HEADERS, "Content-Security-Policy": page_policy(nonce)}
+    language = i18n.current.get()
+
+    def t(key: str, **params: object) -> Markup:
+        return i18n.CATALOGUE.markup(language, key, **params)
+
+    html = _templates.get_template(template).render(
+        csp_nonce=nonce,
+        dev_login=dev_login_on.get(),
+        t=t,
+        lang=language,
+        other_languages=[
+            (other, i18n.CATALOGUE.text(other, "language.name"))
+            for other in i18n.LANGUAGES
+            if other != language
+        ],
+        switch_back=i18n.switch_back.get(),
+        **context,
+    )
+    headers = {**PAGE_HEADERS, "Content-Security-Policy": page_policy(nonce), "Content-Language": language}
     return HTMLResponse(html, status_code=status, headers=headers)
 
 
-def message(status: int, heading: str, sentence: str) -> HTMLResponse:
-    return render("message.html", status=status, heading=heading, sentence=sentence)
+def message(
+    status: int, heading: str, sentence: str, link: tuple[str, str] | None = None, **params: object
+) -> HTMLResponse:
+    """A page of one heading and one sentence, both catalogue keys (``params`` fill the sentence);
+    ``link``: a path and the key of its text."""
+    return render("message.html", status=status, heading=heading, sentence=sentence, link=link, params=params)
 
 
 def framed_in_viewer(response: Response) -> Response:
@@ -92,11 +113,11 @@ async def _launchable(
     except launch.LaunchRefused as exc:
         log.warning("launch refused: client=%s cause=%s", _client(request), exc.refusal.name.lower())
         gateway.audit.record("deny", None, None, f"launch token {exc.refusal.name.lower()}")
-        return message(403, "Cannot open the desktop", exc.refusal.value)
+        return message(403, "launch.cannot_open", f"launch.{exc.refusal.name.lower()}")
     if await db.scalar(select(User.blocked_at).where(User.id == grant.user_id)) is not None:
         log.info("launch refused: user id %d is blocked", grant.user_id)
         gateway.audit.record("deny", None, grant.desktop_name, "launch by a blocked user")
-        return message(403, "Cannot open the desktop", "Your account is blocked. Ask the school's IT.")
+        return message(403, "launch.cannot_open", "launch.blocked")
     found = await desktops.find_by_name(db, grant.desktop_name)
     if found is None or found.owner_id != grant.user_id or found.state not in LAUNCHABLE:
         # A link outlives its desktop by up to a minute; signing in then would show a dead viewer.
@@ -104,11 +125,7 @@ async def _launchable(
         state = found.state.value if found is not None else "gone"
         log.info("launch refused: desktop=%s state=%s", grant.desktop_name, state)
         gateway.audit.record("deny", None, grant.desktop_name, f"launch of a desktop that is {state}")
-        return message(
-            409,
-            "Desktop not running",
-            "The desktop is not running. Start it again from the school portal.",
-        )
+        return message(409, "desktop.not_running_heading", "desktop.not_running")
     return grant
 
 
@@ -141,9 +158,7 @@ async def confirm_launch(request: Request) -> Response:
         origin = request.headers.get("origin")
         log.warning("launch refused: client=%s origin=%.100r", _client(request), origin)
         gateway.audit.record("deny", None, None, f"launch from origin {str(origin)[:100]!r}")
-        return message(
-            403, "Cannot open the desktop", "Open the desktop from the link the school portal gave you."
-        )
+        return message(403, "launch.cannot_open", "launch.foreign_origin")
     async with gateway.sessions() as db:
         grant = await _launchable(request, gateway, db, use=True)
         if isinstance(grant, Response):
@@ -166,15 +181,11 @@ async def owned_desktop(request: Request) -> desktops.RelayTarget | HTMLResponse
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
     if who is None:
-        return message(401, "Not signed in", "Open the desktop again from the school portal.")
+        return message(401, "desktop.not_signed_in_heading", "desktop.not_signed_in")
     async with gateway.sessions() as db:
         found = await desktops.find_by_name(db, request.path_params["name"])
     if found is None or found.owner_id != who.user_id:
-        return message(
-            404,
-            "No such desktop",
-            "There is no such desktop for you. Open your desktop from the school portal.",
-        )
+        return message(404, "desktop.no_such_heading", "desktop.no_such")
     return found
 
 
@@ -186,7 +197,32 @@ async def viewer_page(request: Request) -> Response:
     viewer_src = (
         f"/desktop/{name}/vnc.html?autoconnect=1&resize=remote&reconnect=1&path=desktop/{name}/websockify"
     )
-    return render("viewer.html", desktop_name=name, viewer_src=viewer_src, status_url=f"/status/{name}")
+    return render(
+        "viewer.html",
+        desktop_name=name,
+        viewer_src=viewer_src,
+        status_url=f"/status/{name}",
+        sentences=viewer_sentences(request.state.gateway.settings, i18n.current.get()),
+    )
+
+
+def viewer_sentences(settings: Settings, language: str) -> dict[str, object]:
+    """What the viewer's script says, in ``language``: its own sentences, why a desktop will be stopped,
+    and what a connection's close means (by the English reason the gateway sends, else by code)."""
+    catalogue = i18n.CATALOGUE
+    minutes, hours = settings.idle_timeout // 60, settings.max_age // 3600
+    return {
+        "text": catalogue.section(language, "viewer."),
+        "why": {
+            "idle": catalogue.plural(language, "stop.idle", minutes, minutes=minutes),
+            "max_age": catalogue.plural(language, "stop.max_age", hours, hours=hours),
+        },
+        "close": catalogue.from_english(language, "close."),
+        "closeCodes": catalogue.section(language, "close_code."),
+        # A failed start's reason is recorded in English, for the portal and the school's IT: a page in
+        # another language says what to do instead of showing it.
+        "showFailureReason": language == "en",
+    }
 
 
 async def desktop_status(request: Request) -> Response:
@@ -206,6 +242,7 @@ async def desktop_status(request: Request) -> Response:
         "failure_reason": desktop.failure_reason,
         "stops_at": None,
         "stop_reason": None,
+        "stop_kind": None,
         "warning": False,
     }
     if desktop.state == DesktopState.RUNNING and desktop.container_id is not None:
@@ -217,8 +254,16 @@ async def desktop_status(request: Request) -> Response:
         if deadline is not None:
             when, why = deadline
             body["stops_at"], body["stop_reason"] = when.isoformat(), why
+            body["stop_kind"] = stop_kind(gateway.settings, desktop.started_at, when)
             body["warning"] = (when - utcnow()).total_seconds() <= gateway.settings.idle_warning
     return JSONResponse(body, headers=PAGE_HEADERS)
+
+
+def stop_kind(settings: Settings, started_at: dt.datetime | None, when: dt.datetime) -> str:
+    """Why a desktop will be stopped at ``when`` (its stop deadline), for the viewer to say in its own
+    language: ``max_age`` when that is when it will have run the longest allowed, else ``idle``."""
+    longest = started_at + dt.timedelta(seconds=settings.max_age) if started_at is not None else None
+    return "max_age" if settings.max_age and when == longest else "idle"
 
 
 async def logout(request: Request) -> Response:
@@ -230,7 +275,8 @@ async def logout(request: Request) -> Response:
         origin = request.headers.get("origin")
         log.warning("logout refused: user=%s origin=%.100r", who.username if who else "-", origin)
         gateway.audit.record("deny", who.username if who else None, None, f"logout from origin {origin!r}")
-        return PlainTextResponse(FOREIGN_ORIGIN, status_code=403, headers=PAGE_HEADERS)
+        sentence = i18n.t("signout.foreign_origin") + "\n"
+        return PlainTextResponse(sentence, status_code=403, headers=PAGE_HEADERS)
     id_token = None
     if who is not None:
         async with gateway.sessions() as db:
@@ -246,7 +292,7 @@ async def logout(request: Request) -> Response:
             response: Response = RedirectResponse(url, status_code=303, headers=PAGE_HEADERS)
             response.headers["Set-Cookie"] = cleared
             return response
-    response = message(200, "Signed out", "You are signed out. You can close this tab.")
+    response = message(200, "signout.heading", "signout.done")
     response.headers["Set-Cookie"] = cleared
     return response
 

@@ -22,10 +22,12 @@ from desktop_gateway.identity import Identity
 from desktop_gateway.origins import origin_allowed, public_base
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import CALLBACK_PATH, SignInFailed, signin_middleware
+from desktop_gateway.web import i18n
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render
 
 log = logging.getLogger("desktop_gateway.signin")
 MAX_FORM = 4096
+SIGN_IN_REFUSALS = {people.BLOCKED: "signin.blocked", people.NO_SUBJECT: "signin.no_subject"}
 
 
 async def begin_session(
@@ -45,7 +47,7 @@ async def begin_session(
         except people.SignInRefused as exc:
             log.warning("sign-in refused: subject=%s cause=%s", claims.subject, exc)
             gateway.audit.record("login-failed", claims.account_name, None, f"{how}: {exc}")
-            return message(403, "Cannot sign in", str(exc))
+            return message(403, "signin.cannot", SIGN_IN_REFUSALS.get(str(exc), "signin.refused"))
         user = signed.user
         if role is not None:
             user.role = role.value
@@ -74,12 +76,8 @@ async def login(request: Request) -> Response:
     """Off to the school's provider; it sends the browser back to ``/auth/callback``."""
     gateway: Gateway = request.state.gateway
     if gateway.provider is None:
-        sentence = (
-            "Sign-in with IServ is not set up on this gateway. Open your desktop from the school portal."
-        )
-        if gateway.settings.dev_login:
-            sentence = "Sign-in with IServ is not set up here; use the development sign-in at /dev-login."
-        return message(404, "Sign-in is not set up", sentence)
+        sentence = "signin.not_set_up_dev" if gateway.settings.dev_login else "signin.not_set_up"
+        return message(404, "signin.not_set_up_heading", sentence)
     try:
         return await gateway.provider.redirect_to_provider(
             request, public_base(request, gateway.settings.public_url) + CALLBACK_PATH
@@ -87,18 +85,14 @@ async def login(request: Request) -> Response:
     except SignInFailed as exc:
         log.warning("sign-in impossible: %s", exc.reason)
         gateway.audit.record("login-failed", None, None, exc.reason)
-        return message(
-            503,
-            "Cannot sign in right now",
-            "The school's sign-in service cannot be reached. Try again in a moment.",
-        )
+        return message(503, "signin.unreachable_heading", "signin.unreachable")
 
 
 @metrics.counts_sign_in("provider")
 async def callback(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     if gateway.provider is None:
-        return message(404, "Sign-in is not set up", "Open your desktop from the school portal.")
+        return message(404, "signin.not_set_up_heading", "home.from_portal")
     try:
         raw, id_token = await gateway.provider.finish(request)
         claims = people.claims_from(raw)
@@ -108,20 +102,14 @@ async def callback(request: Request) -> Response:
             "sign-in failed: client=%s cause=%s", request.client.host if request.client else "-", reason
         )
         gateway.audit.record("login-failed", None, None, reason)
-        return render(
-            "message.html",
-            status=400,
-            heading="Sign-in failed",
-            sentence="The sign-in could not be completed. Please start again.",
-            link=("/login", "Sign in with IServ"),
-        )
+        return message(400, "signin.failed_heading", "signin.failed", link=("/login", "home.sign_in"))
     return await begin_session(request, gateway, claims, id_token, "provider")
 
 
 async def dev_login_form(request: Request) -> Response:
     gateway: Gateway = request.state.gateway
     if not gateway.settings.dev_login:
-        return message(404, "Not found", "There is no such page.")
+        return message(404, "error.not_found_heading", "error.no_such_page")
     return render("dev_login.html", roles=ROLES)
 
 
@@ -131,23 +119,27 @@ async def dev_login(request: Request) -> Response:
     (refused at start when the public URL is https)."""
     gateway: Gateway = request.state.gateway
     if not gateway.settings.dev_login:
-        return message(404, "Not found", "There is no such page.")
+        return message(404, "error.not_found_heading", "error.no_such_page")
     if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
-        return message(403, "Cannot sign in", "Use the sign-in form of this gateway.")
+        return message(403, "signin.cannot", "signin.foreign_origin")
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_FORM:
-            return message(413, "Cannot sign in", "The form was too large.")
+            return message(413, "signin.cannot", "page.form_too_large")
     form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
     try:
         name = normalise_username(form.get("name", ""))
-    except InvalidUser as exc:
-        return render("dev_login.html", status=422, roles=ROLES, error=f"The name: {exc}.")
+    except InvalidUser:
+        return render("dev_login.html", status=422, roles=ROLES, error="dev_login.bad_name", error_params={})
     role = form.get("role", Role.STUDENT.value)
     if role not in ROLES:
         return render(
-            "dev_login.html", status=422, roles=ROLES, error=f"Role must be one of {', '.join(ROLES)}."
+            "dev_login.html",
+            status=422,
+            roles=ROLES,
+            error="dev_login.bad_role",
+            error_params={"roles": ", ".join(i18n.t(f"role.{r}") for r in ROLES)},
         )
     claims = people.Claims(
         subject=f"dev:{name}",

@@ -26,8 +26,7 @@ from desktop_gateway.web.problems import problem
 log = logging.getLogger("desktop_gateway")
 
 RETRY_AFTER = "5"
-SENTENCE = "The desktop gateway cannot reach its database right now. Try again in a moment."
-# Said to noVNC in a close frame (at most 123 bytes).
+# Said to noVNC in a close frame (at most 123 bytes), in English like every close reason.
 CLOSE_REASON = "The gateway cannot reach its database. Try again in a moment."
 
 
@@ -38,8 +37,8 @@ class Refusal:
     status: int
     title: str  # the problem document's, in English
     detail: str
-    heading: str  # the page's
-    sentence: str
+    heading: str  # the page's, a catalogue key
+    sentence: str  # a catalogue key
     close_reason: str  # at most 123 bytes
     retry_after: str | None
 
@@ -49,8 +48,8 @@ REFUSALS = {
         503,
         "Database unavailable",
         "the gateway cannot reach its database; try again in a moment",
-        "Try again in a moment",
-        SENTENCE,
+        "database.unavailable_heading",
+        "database.unavailable",
         CLOSE_REASON,
         RETRY_AFTER,
     ),
@@ -59,9 +58,8 @@ REFUSALS = {
         "Database disk full",
         "the gateway's database disk is full, so nothing new can be stored (reading still works); "
         "its administrator must free space, and the gateway carries on by itself once there is room",
-        "Nothing can be saved right now",
-        "The desktop gateway cannot save anything right now because its disk is full. Nothing saved "
-        "before is lost. Please tell your school's IT administrator.",
+        "database.cannot_store_heading",
+        "database.disk_full",
         "The gateway's disk is full. Please tell your IT administrator.",
         None,
     ),
@@ -70,9 +68,8 @@ REFUSALS = {
         "Database read-only",
         "the gateway's database is read-only, so nothing new can be stored (reading still works); "
         "its administrator must make it writable again",
-        "Nothing can be saved right now",
-        "The desktop gateway cannot save anything right now because its database has become "
-        "read-only. Nothing saved before is lost. Please tell your school's IT administrator.",
+        "database.cannot_store_heading",
+        "database.read_only",
         "The gateway's database is read-only. Please tell your IT administrator.",
         None,
     ),
