@@ -222,6 +222,7 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(DEPLOY / "compose.yaml", tmp_path / "compose.yaml")
     shutil.copy(DEPLOY / "env.example", tmp_path / "env.example")
     (tmp_path / "desktop-types.toml").write_text("")
+    (tmp_path / "desktop-types.toml").chmod(0o644)  # read by the container's unprivileged user
     return tmp_path
 
 
@@ -326,7 +327,6 @@ async def test_compose_runs_the_gateway_service_against_postgresql(
         POSTGRES_PASSWORD=secrets.token_hex(24),
         DOCKER_GID=str((await asyncio.to_thread(DOCKER_SOCKET.stat)).st_gid),
     )
-    (project / "desktop-types.toml").chmod(0o644)
     # The tests' PostgreSQL instead of the db service, this build of the image, a free port.
     override = {
         "image": images.gateway,

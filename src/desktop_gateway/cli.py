@@ -24,7 +24,7 @@ log = logging.getLogger("desktop_gateway")
 
 def _port(raw: str) -> int:
     """``--port``, or its default from the environment (a container image sets it there)."""
-    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
         raise argparse.ArgumentTypeError(
             f"expected a port from 1 to 65535 (--port or {PREFIX}PORT), got {raw!r}"
         )
