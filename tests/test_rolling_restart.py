@@ -22,16 +22,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from apachetest import RunningApache, start_apache
-from chromium import Chromium
+from browser import Browser, chromium
 from desktop_gateway.closepolicy import GATEWAY_GOING_AWAY
 from gatewaytest import make_schema_outdated
-from test_browser import (
-    NOVNC_CONNECTED,
-    WEBSOCKET_CLOSES,
-    assert_desktop_shown,
-    chromium,
-    open_launch_link,
-)
+from test_browser import NOVNC_CONNECTED, WEBSOCKET_CLOSES, assert_desktop_shown, open_launch_link
 from test_cli import clean_env, command, free_port, run, wait_for_port
 from test_docker_desktops import docker_cli, docker_image, follow_until, image_type, instance
 
@@ -144,7 +138,7 @@ async def keep_asking_healthz(base_url: str, statuses: list[int | str], stop: as
 # Several workers of one gateway are a PostgreSQL deployment; SQLite has no part in what a restart changes.
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_rolling_restart_keeps_the_desktop_and_the_viewer_reconnects(
-    site: tuple[Serve, RunningApache, str], database_url: str, instance: str, chromium: Chromium
+    site: tuple[Serve, RunningApache, str], database_url: str, instance: str, chromium: Browser
 ) -> None:
     """SIGHUP replaces both workers while Apache always answers; the viewer is told 1001 "restarting",
     reconnects by itself to the same container, and no desktop row changes."""
