@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+import browser
 import kasm_front
 import secretlog
 from desktop_gateway.db import schema
@@ -32,6 +33,17 @@ POSTGRES_ENV = "DESKTOP_GATEWAY_TEST_POSTGRES_URL"
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
     """Tests run on uvloop, as `desktop-gateway serve` does (uvicorn picks it): its transports differ."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Marks a failed test, so that fixtures can keep what shows why at teardown (the browser's tabs)."""
+    report = yield
+    if report.failed:
+        item.stash[browser.TEST_FAILED] = True
+    return report
 
 
 # One template per test session, so that two sessions at once do not drop each other's.

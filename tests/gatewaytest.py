@@ -114,30 +114,17 @@ ASGI_SERVERS = {
 }
 
 
-@dataclasses.dataclass
-class RunningGateway:
-    base_url: str
-    app: Starlette
-    task: asyncio.Task[None]
-    settings: Settings
-    server: AsgiServer
-    shut_down: Callable[[], Awaitable[None]]
-    api_key: str = ""
-    api_key_name: str = ""
+@dataclasses.dataclass(kw_only=True)
+class GatewayClient:
+    """A gateway at ``base_url`` as the portal (with ``api_key``) and a person's browser reach it: one in
+    this process, or one in a container."""
 
-    @property
-    def gateway(self) -> Gateway:
-        gateway: Gateway = self.app.state.gateway
-        return gateway
+    base_url: str
+    api_key: str = ""
 
     @property
     def ws_base(self) -> str:
         return "ws" + self.base_url.removeprefix("http")
-
-    async def stop(self) -> None:
-        """Shut the server down as ``desktop-gateway serve`` does on SIGTERM."""
-        await self.shut_down()
-        await self.task
 
     def portal(self, key: str | None = None) -> httpx.AsyncClient:
         """An HTTP client that acts as the school portal (with the API key unless another is given)."""
@@ -192,6 +179,26 @@ class RunningGateway:
             max_size=None,
             ping_interval=None,
         )
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunningGateway(GatewayClient):
+    app: Starlette
+    task: asyncio.Task[None]
+    settings: Settings
+    server: AsgiServer
+    shut_down: Callable[[], Awaitable[None]]
+    api_key_name: str = ""
+
+    @property
+    def gateway(self) -> Gateway:
+        gateway: Gateway = self.app.state.gateway
+        return gateway
+
+    async def stop(self) -> None:
+        """Shut the server down as ``desktop-gateway serve`` does on SIGTERM."""
+        await self.shut_down()
+        await self.task
 
 
 LAUNCH_FORM = re.compile(r'<form id="launch" method="post" action="([^"]+)">')

@@ -11,16 +11,13 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
-
-from chromium import Chromium, Page, chromium_missing
+from browser import Browser, Tab, chromium
 from conftest import StartGateway
-from gatewaytest import RunningGateway, missing_real_component
+from gatewaytest import RunningGateway
 from test_docker_desktops import (
     containers_of,
     docker_cli,
@@ -31,7 +28,7 @@ from test_docker_desktops import (
     wait_for_state,
 )
 
-__all__ = ["docker_image", "instance"]  # fixtures, imported for pytest
+__all__ = ["chromium", "docker_image", "instance"]  # fixtures, imported for pytest
 
 SHARED_SCREENSHOT = Path("/tmp/desktop-gateway-viewer.png")
 
@@ -70,19 +67,6 @@ CANVAS_DRAWN = f"""(() => {{
 }})()"""
 
 
-@pytest.fixture
-async def chromium(tmp_path: Path) -> AsyncIterator[Chromium]:
-    """A headless Chromium with a fresh profile; killed, and its profile removed, after the test."""
-    missing = chromium_missing()
-    if missing is not None:
-        missing_real_component(missing)
-    browser = await Chromium.launch(tmp_path / "chromium")
-    try:
-        yield browser
-    finally:
-        await browser.close()
-
-
 async def launch_url(gw: RunningGateway, desktop_id: str) -> str:
     """A fresh launch link (the one from the start request may have expired while the desktop started)."""
     async with gw.portal() as portal:
@@ -93,8 +77,8 @@ async def launch_url(gw: RunningGateway, desktop_id: str) -> str:
 
 
 async def open_launch_link(
-    chromium: Chromium, url: str, name: str, ignore_certificate_errors: bool = False
-) -> Page:
+    chromium: Browser, url: str, name: str, ignore_certificate_errors: bool = False
+) -> Tab:
     """Open a launch link in a new tab; return once the viewer page of ``name`` is shown.
 
     ``ignore_certificate_errors``: for a test's Apache with its throwaway certificate (this tab only).
@@ -102,26 +86,24 @@ async def open_launch_link(
     port = urlsplit(url).port
     assert port is not None, url
     await chromium.expose(port)
-    page = await chromium.new_page()
-    if ignore_certificate_errors:
-        await page.send("Security.setIgnoreCertificateErrors", ignore=True)
-    await page.navigate(url)
+    tab = await chromium.new_tab(ignore_https_errors=ignore_certificate_errors)
+    await tab.page.goto(url, wait_until="commit")
     # The link shows whose desktop it opens; the person presses the button, as a student does.
-    await page.wait_for(
+    await tab.wait_for(
         "document.readyState === 'complete' && !!document.querySelector('#launch button')",
         "the launch link did not show its confirmation page",
         within=30,
     )
-    await page.evaluate("document.querySelector('#launch button').click()")
-    await page.wait_for(
+    await tab.page.locator("#launch button").click()
+    await tab.wait_for(
         f"location.pathname === {json.dumps('/desktop/' + name)} && document.readyState === 'complete'",
         f"the launch link did not lead to the viewer of {name}",
         within=30,
     )
-    return page
+    return tab
 
 
-async def assert_desktop_shown(page: Page) -> dict[str, Any]:
+async def assert_desktop_shown(page: Tab) -> dict[str, Any]:
     """noVNC in the viewer connects and draws the desktop at the iframe's size; return the canvas.
 
     The viewer asks noVNC for ``resize=remote``: the desktop (Xvnc, 1280×720 at start) is resized through
@@ -134,19 +116,13 @@ async def assert_desktop_shown(page: Page) -> dict[str, Any]:
     return canvas
 
 
-async def resize_screen(page: Page, width: int, height: int) -> None:
+async def resize_screen(tab: Tab, width: int, height: int) -> None:
     """Resize the tab so that the viewer's iframe is ``width`` × ``height`` CSS pixels."""
-    header = await page.evaluate("innerHeight - document.getElementById('screen').clientHeight")
-    await page.send(
-        "Emulation.setDeviceMetricsOverride",
-        width=width,
-        height=height + header,
-        deviceScaleFactor=1,
-        mobile=False,
-    )
+    header = await tab.evaluate("innerHeight - document.getElementById('screen').clientHeight")
+    await tab.page.set_viewport_size({"width": width, "height": height + header})
 
 
-async def open_running_desktop(gw: RunningGateway, chromium: Chromium) -> tuple[dict[str, Any], Page]:
+async def open_running_desktop(gw: RunningGateway, chromium: Browser) -> tuple[dict[str, Any], Tab]:
     """Start anna's stand-in desktop, wait until it runs, open a launch link and see noVNC show it."""
     desktop = (await request(gw, "anna", "standin")).json()
     await wait_for_state(gw, desktop["id"], ("running",))
@@ -156,7 +132,7 @@ async def open_running_desktop(gw: RunningGateway, chromium: Chromium) -> tuple[
 
 
 async def test_launch_link_shows_the_running_desktop(
-    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Browser
 ) -> None:
     """The launch link in a real browser shows the running desktop: noVNC connected, canvas 1280×720 with non-uniform pixels."""  # noqa: E501
     gw = await start_gateway(image_type("standin", docker_image), instance=instance)
@@ -177,7 +153,7 @@ async def test_launch_link_shows_the_running_desktop(
 
 
 async def test_stopping_the_desktop_tells_the_student(
-    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Browser
 ) -> None:
     """Stopping the desktop through the API closes noVNC with "The desktop was stopped." and the viewer says so."""  # noqa: E501
     gw = await start_gateway(image_type("standin", docker_image), instance=instance)
@@ -212,7 +188,7 @@ async def test_stopping_the_desktop_tells_the_student(
 
 
 async def test_desktop_still_starting_connects_by_itself(
-    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Chromium
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Browser
 ) -> None:
     """A launch link opened while the desktop starts says "Starting your desktop…", then connects itself."""
     # The stand-in is ready in half a second; at 1 % of a CPU it takes many seconds, until the test has

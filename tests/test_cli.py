@@ -142,6 +142,16 @@ def test_bad_settings_exit_2_naming_each_variable(tmp_path: Path) -> None:
     assert not (tmp_path / DEFAULT_SQLITE_FILE).exists(), "no database is created on a bad configuration"
 
 
+def test_serve_refuses_a_port_from_the_environment_that_is_none(tmp_path: Path) -> None:
+    """``serve`` takes its port from DESKTOP_GATEWAY_PORT (as the container image sets it); a value that is
+    no port stops it with exit 2 and a sentence naming the variable."""
+    result = run(tmp_path, "serve", env=clean_env(PORT="eighty"))
+    assert result.returncode == 2
+    assert "DESKTOP_GATEWAY_PORT" in result.stderr
+    assert "'eighty'" in result.stderr
+    no_traceback(result)
+
+
 def test_bad_desktop_types_exit_2(tmp_path: Path) -> None:
     """An invalid desktop types file stops the command with exit 2 naming the file, not a traceback."""
     types = tmp_path / "types.toml"

@@ -23,7 +23,14 @@ from sqlalchemy import select
 from conftest import StartGateway
 from desktop_gateway.db.models import Desktop
 from desktop_gateway.runtime import LABEL_INSTANCE
-from gatewaytest import RunningGateway, close_frame, dev_sign_in, missing_real_component, run_cli
+from gatewaytest import (
+    GatewayClient,
+    RunningGateway,
+    close_frame,
+    dev_sign_in,
+    missing_real_component,
+    run_cli,
+)
 
 IMAGE = os.environ.get("DESKTOP_GATEWAY_TEST_IMAGE", "desktop-gateway/standin-desktop:latest")
 WAIT = 120  # seconds a test waits for desktops to come up on a busy 2-core machine
@@ -51,6 +58,11 @@ async def instance(docker_image: str) -> AsyncIterator[str]:
     """A gateway instance name of its own, so this test sees only its own containers; cleaned up after."""
     name = f"t{secrets.token_hex(4)}"
     yield name
+    await remove_instance(name)
+
+
+async def remove_instance(name: str) -> None:
+    """Remove the containers and home volumes of the gateway instance ``name``."""
     async with aiodocker.Docker() as docker:
         for container in await docker.containers.list(
             all=True, filters=json.dumps({"label": [f"{LABEL_INSTANCE}={name}"]})
@@ -90,7 +102,7 @@ async def containers_of(instance: str) -> list[dict[str, Any]]:
         return [c._container for c in found]
 
 
-async def wait_for_state(gw: RunningGateway, desktop_id: str, states: tuple[str, ...]) -> dict[str, Any]:
+async def wait_for_state(gw: GatewayClient, desktop_id: str, states: tuple[str, ...]) -> dict[str, Any]:
     """Follow the desktop's server-sent events until it reaches one of ``states``; return the desktop."""
     async with gw.portal() as portal:
         return await follow_until(portal, desktop_id, states)

@@ -22,15 +22,10 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from apachetest import RunningApache, start_apache
-from chromium import Chromium
+from browser import Browser, chromium
 from desktop_gateway.closepolicy import GATEWAY_GOING_AWAY
-from test_browser import (
-    NOVNC_CONNECTED,
-    WEBSOCKET_CLOSES,
-    assert_desktop_shown,
-    chromium,
-    open_launch_link,
-)
+from gatewaytest import make_schema_outdated
+from test_browser import NOVNC_CONNECTED, WEBSOCKET_CLOSES, assert_desktop_shown, open_launch_link
 from test_cli import clean_env, command, free_port, run, wait_for_port
 from test_docker_desktops import docker_cli, docker_image, follow_until, image_type, instance
 
@@ -143,7 +138,7 @@ async def keep_asking_healthz(base_url: str, statuses: list[int | str], stop: as
 # Several workers of one gateway are a PostgreSQL deployment; SQLite has no part in what a restart changes.
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_rolling_restart_keeps_the_desktop_and_the_viewer_reconnects(
-    site: tuple[Serve, RunningApache, str], database_url: str, instance: str, chromium: Chromium
+    site: tuple[Serve, RunningApache, str], database_url: str, instance: str, chromium: Browser
 ) -> None:
     """SIGHUP replaces both workers while Apache always answers; the viewer is told 1001 "restarting",
     reconnects by itself to the same container, and no desktop row changes."""
@@ -199,3 +194,33 @@ async def test_rolling_restart_keeps_the_desktop_and_the_viewer_reconnects(
     assert len(statuses) > 10, statuses
     assert set(statuses) == {200}, f"answers during the restart: {statuses}"
     assert reconnected_after < RESTART_TIMEOUT
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_rolling_restart_whose_new_workers_cannot_start_keeps_the_old_ones(
+    tmp_path: Path, database_url: str
+) -> None:
+    """When the new workers refuse to start (here: a schema this version does not know), SIGHUP gives the
+    restart up with a log line, and the old workers go on serving."""
+    port = free_port()
+    env = clean_env(DATABASE_URL=database_url, SECRET_KEY="rolling-restart-secret-key-0123456789abcdef")
+    serve = Serve(tmp_path, port, env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(20):  # new connections, spread over both workers: both have started
+                assert (await client.get("/healthz", headers={"Connection": "close"})).status_code == 200
+        before = worker_pids(serve.process.pid)
+        await make_schema_outdated(database_url)
+        serve.process.send_signal(signal.SIGHUP)
+        await serve.wait_for_log("rolling restart given up", RESTART_TIMEOUT)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            statuses = {(await client.get("/healthz")).status_code for _ in range(20)}
+        assert statuses == {200}
+        assert worker_pids(serve.process.pid) == before
+    finally:
+        code = await serve.stop()
+    log = serve.log()
+    assert code == 0, log
+    assert "worker not started: the database schema is at revision older" in log, log
+    assert "desktop-gateway db upgrade" in log, "the new workers' refusal names the command that fixes it"
+    assert "Traceback" not in log, log

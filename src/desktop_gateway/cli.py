@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -13,12 +14,21 @@ from typing import TYPE_CHECKING
 from desktop_gateway import __version__, apikeys
 from desktop_gateway.desktop_types import DesktopTypesError, load_desktop_types
 from desktop_gateway.logs import setup_logging
-from desktop_gateway.settings import Settings, SettingsError, load_settings
+from desktop_gateway.settings import PREFIX, Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
 log = logging.getLogger("desktop_gateway")
+
+
+def _port(raw: str) -> int:
+    """``--port``, or its default from the environment (a container image sets it there)."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port from 1 to 65535 (--port or {PREFIX}PORT), got {raw!r}"
+        )
+    return int(raw)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,8 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the service")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--host",
+        default=os.environ.get(PREFIX + "HOST") or "127.0.0.1",
+        help=f"address to listen on (default {PREFIX}HOST, else 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=os.environ.get(PREFIX + "PORT") or "8000",
+        help=f"port to listen on (default {PREFIX}PORT, else 8000)",
+    )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
 
     db = commands.add_parser("db", help="database schema")

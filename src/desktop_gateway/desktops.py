@@ -34,6 +34,7 @@ class DesktopError(Exception):
 
     status = 400
     title = "Bad request"
+    retry_after = 0  # seconds after which trying again may succeed (0: it will not by itself)
 
 
 class InvalidUser(DesktopError):
@@ -59,6 +60,7 @@ class DesktopNotFound(DesktopError):
 class TypeUnavailable(DesktopError):
     status = 503
     title = "Desktop type unavailable"
+    retry_after = 10  # a restart of the Docker engine takes seconds
 
 
 class NameTaken(DesktopError):

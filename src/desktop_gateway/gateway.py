@@ -78,14 +78,8 @@ class Gateway:
         return desktop_type is not None and not desktop_type.is_static and await self.docker_reachable()
 
     async def docker_reachable(self) -> bool:
-        """Whether the Docker engine answers now (a few seconds at most)."""
-        try:
-            async with asyncio.timeout(5):
-                await self.runtime.ping()
-        except Exception as exc:
-            log.warning("the Docker engine at %s does not answer: %s", self.settings.docker_url, exc)
-            return False
-        return True
+        """Whether the Docker engine answers now (a few seconds at most); logged when that changes."""
+        return await self.launcher.engine.check()
 
     async def going_away(self, grace: float = 5.0) -> None:
         """Close every relay with 1001 and wait (at most ``grace`` seconds) for them to finish."""

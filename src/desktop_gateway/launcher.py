@@ -1,8 +1,11 @@
 """Container desktops: start, stop, reconcile and reap, on top of the runtime contract.
 
 Every path that gives up on a desktop goes through :meth:`Launcher._release`: the container is removed,
-the port and credentials go back, and the row says why. Starts run as background tasks, one per desktop
-in a process; the database decides which request starts a desktop (see ``desktops.request_desktop``).
+the port and credentials go back, and the row says why. While the Docker engine does not answer nothing is
+given back (see :mod:`desktop_gateway.runtime.watch`): a desktop being stopped waits in ``stopping``, with
+its container and port, for the first reconciliation after the engine answers again. Starts run as
+background tasks, one per desktop in a process; the database decides which request starts a desktop (see
+``desktops.request_desktop``).
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from desktop_gateway.runtime import (
     ContainerRuntime,
     ContainerSpec,
     ContainerState,
+    EngineUnreachable,
     ImageUnavailable,
     PortTaken,
     RuntimeFailure,
 )
+from desktop_gateway.runtime.watch import EngineWatch
 from desktop_gateway.settings import Settings
 from desktop_gateway.upstream import Target, unverified_tls
 
@@ -48,6 +53,15 @@ PORT_ATTEMPTS = 5
 DYING_GRACE = 1.0  # seconds a dropped leg's container gets to show it is exiting
 PURGE_INTERVAL = 3600.0  # seconds between purges of expired rows (they need no faster clean-up)
 STALE_GRACE = 60  # seconds past the start timeout after which a "starting" row has no live start
+# Seconds a relay whose connection dropped while the engine does not answer waits for it to say whether the
+# desktop still runs: a restart of the engine takes seconds.
+ENGINE_WAIT = 30.0
+
+
+REMOVAL_PENDING = (
+    "the desktop is stopping, but the Docker engine does not answer; its container is removed and the "
+    "desktop stopped as soon as the engine answers again"
+)
 
 
 class StartFailed(Exception):
@@ -96,6 +110,7 @@ class Launcher:
         self.sessions = sessions
         self.types = types
         self.runtime = runtime
+        self.engine = EngineWatch(runtime, settings.docker_url)
         self.events = events
         self.hub = hub
         self.audit = audit
@@ -173,6 +188,8 @@ class Launcher:
             )
             raise
         except Exception as exc:
+            if isinstance(exc, EngineUnreachable):
+                self.engine.lost(exc)
             expected = isinstance(exc, StartFailed | RuntimeFailure)
             reason = str(exc) if expected else f"an unexpected error in the gateway ({type(exc).__name__})"
             log.log(
@@ -266,7 +283,12 @@ class Launcher:
                     return
             except httpx.HTTPError:
                 pass
-            if await self.runtime.inspect(container_id) in (ContainerState.EXITED, ContainerState.GONE):
+            try:
+                state = await self.runtime.inspect(container_id)
+            except EngineUnreachable as exc:  # restarting: with live-restore the container carries on
+                self.engine.lost(exc)
+                state = ContainerState.RUNNING
+            if state in (ContainerState.EXITED, ContainerState.GONE):
                 raise StartFailed("the container exited before the desktop was ready", "not_ready")
             if loop.time() >= deadline:
                 raise StartFailed(
@@ -279,8 +301,12 @@ class Launcher:
 
     async def _release(
         self, desktop_id: str, container_id: str | None, state: DesktopState, reason: str
-    ) -> None:
-        """Remove the container, give back the port, and record ``state`` with ``reason``."""
+    ) -> bool:
+        """Remove the container, give back the port, and record ``state`` with ``reason``.
+
+        ``False`` when the engine does not answer: the desktop is then left ``stopping``, keeping its
+        container and port (which may well still be in use) until a reconciliation removes them.
+        """
         async with self.sessions() as db:
             with contextlib.suppress(desktops.DesktopNotFound):
                 desktop, _ = await desktops.load(db, desktop_id)
@@ -290,6 +316,10 @@ class Launcher:
         if container_id is not None:
             try:
                 await self.runtime.stop(container_id)
+            except EngineUnreachable as exc:
+                self.engine.lost(exc)
+                await self._removal_pending(desktop_id)
+                return False
             except RuntimeFailure as exc:
                 # Reconciliation removes it later; the row must not keep pointing at a port in use.
                 log.error("could not remove container %s: %s", container_id[:12], exc)
@@ -301,9 +331,31 @@ class Launcher:
         self.events.publish(
             desktop_id, "failed" if state == DesktopState.FAILED else "stopped", reason, state.value
         )
+        return True
+
+    async def _removal_pending(self, desktop_id: str) -> None:
+        async with self.sessions() as db:
+            try:
+                desktop, username = await desktops.load(db, desktop_id)
+            except desktops.DesktopNotFound:
+                return
+            if desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED):
+                desktops.set_state(desktop, DesktopState.STOPPING)
+                await db.commit()
+        log.warning(
+            "desktop stopping: user=%s desktop=%s cause=the Docker engine does not answer; its container "
+            "and port are released once it answers again",
+            username,
+            desktop.name,
+        )
+        self.events.publish(desktop_id, "stopping", REMOVAL_PENDING, DesktopState.STOPPING.value)
 
     async def stop(self, desktop_id: str, reason: str) -> desktops.DesktopView:
-        """Stop a desktop (any kind); connected browsers get 1001. The home volume stays."""
+        """Stop a desktop (any kind); connected browsers get 1001. The home volume stays.
+
+        Raises :class:`EngineUnreachable` when the container could not be removed because the engine does
+        not answer: the desktop is then ``stopping`` until it does.
+        """
         start = self._starts.get(desktop_id)
         if start is not None:
             start.cancel()
@@ -315,13 +367,19 @@ class Launcher:
             if desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED):
                 desktops.set_state(desktop, DesktopState.STOPPING)
                 await db.commit()
-        await self._release(desktop_id, container_id, DesktopState.STOPPED, reason)
+        if not await self._release(desktop_id, container_id, DesktopState.STOPPED, reason):
+            raise EngineUnreachable(REMOVAL_PENDING)
         async with self.sessions() as db:
             desktop, username = await desktops.load(db, desktop_id)
             return desktops.DesktopView.of(desktop, username)
 
     async def still_running(self, desktop_id: str) -> bool:
-        """Asked by a relay whose container leg dropped: is the desktop still there?"""
+        """Asked by a relay whose container leg dropped: is the desktop still there?
+
+        When the engine does not answer (it is restarting, which drops every leg), wait a little for it
+        to say; a desktop it cannot tell about within :data:`ENGINE_WAIT` counts as running (the next
+        reconciliation after the engine answers settles it).
+        """
         async with self.sessions() as db:
             row = (
                 await db.execute(select(Desktop.state, Desktop.container_id).where(Desktop.id == desktop_id))
@@ -330,9 +388,18 @@ class Launcher:
             return False
         if row.container_id is None:
             return True
-        # The leg often drops a moment before Docker marks a killed container as exited: give it a second.
-        if not await self.runtime.stops_within(row.container_id, DYING_GRACE):
-            return True
+        deadline = time.monotonic() + ENGINE_WAIT
+        while True:
+            try:
+                # The leg often drops a moment before Docker marks a killed container as exited: give
+                # it a second.
+                if not await self.runtime.stops_within(row.container_id, DYING_GRACE):
+                    return True
+                break
+            except EngineUnreachable as exc:
+                self.engine.lost(exc)
+                if not await self.engine.wait_answering(deadline - time.monotonic()):
+                    return True
         await self._release(desktop_id, row.container_id, DesktopState.STOPPED, "the container stopped")
         return False
 
@@ -342,14 +409,24 @@ class Launcher:
         """Make the database and the Docker host agree. ``fresh``: no start of ours can be in progress.
 
         Rows whose container is gone become stopped (port freed); rows stuck in ``starting`` with no live
-        start are rolled back; containers with our labels that no row knows are removed.
+        start are rolled back; containers with our labels that no row knows are removed. Raises
+        :class:`EngineUnreachable`, having changed nothing, when the engine does not answer.
         """
         containers = {c.id: c for c in await self.runtime.list()}
         stale_before = utcnow() - dt.timedelta(seconds=self.settings.start_timeout + STALE_GRACE)
         async with self.sessions() as db:
             rows = (
                 await db.execute(
-                    select(Desktop.id, Desktop.state, Desktop.container_id, Desktop.state_changed_at).where(
+                    select(
+                        Desktop.id,
+                        Desktop.name,
+                        User.username,
+                        Desktop.state,
+                        Desktop.container_id,
+                        Desktop.state_changed_at,
+                    )
+                    .join(User, User.id == Desktop.user_id)
+                    .where(
                         Desktop.instance == self.settings.instance,
                         or_(Desktop.container_id.is_not(None), Desktop.state.in_(desktops.ACTIVE_STATES)),
                     )
@@ -375,11 +452,19 @@ class Launcher:
                 else:
                     starting.add(row.id)
             elif row.state == DesktopState.STOPPING:
-                await self._release(row.id, row.container_id, DesktopState.STOPPED, "stopped")
+                if await self._release(row.id, row.container_id, DesktopState.STOPPED, "stopped"):
+                    log.info(
+                        "desktop stopped: user=%s desktop=%s cause=its stop finished", row.username, row.name
+                    )
             elif row.state == DesktopState.RUNNING and row.container_id is not None:
                 container = containers.get(row.container_id)
                 if container is None or container.state != ContainerState.RUNNING:
-                    log.warning("desktop %s: its container is gone; marking it stopped", row.id)
+                    log.warning(
+                        "desktop stopped: user=%s desktop=%s cause=its container %s",
+                        row.username,
+                        row.name,
+                        "is gone" if container is None else f"is {container.state.value}",
+                    )
                     await self._release(
                         row.id, row.container_id, DesktopState.STOPPED, "the container stopped"
                     )
@@ -463,14 +548,19 @@ class Launcher:
 
     async def maintain(self) -> None:
         """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, sweep relays; and
-        purge expired rows once an hour."""
+        purge expired rows once an hour. Reconciling and idle stops wait while the engine does not answer."""
         has_images = any(not t.is_static for t in self.types.values())
         while True:
             await asyncio.sleep(self.settings.maintenance_interval)
             try:
-                if has_images:
-                    await self.reconcile()
-                    await self.reap()
+                if has_images and await self.engine.check():
+                    try:
+                        await self.reconcile()
+                        await self.reap()
+                    except EngineUnreachable as exc:
+                        self.engine.lost(exc)
+                elif has_images:
+                    log.debug("reconciling and idle stops wait for the Docker engine to answer")
                 await self.sweep_relays()
                 if self._purged_at is None or time.monotonic() - self._purged_at >= PURGE_INTERVAL:
                     await self.purge_expired()
@@ -489,6 +579,7 @@ class Launcher:
         for task in list(self._starts.values()):
             task.cancel()
         await asyncio.gather(*self._starts.values(), return_exceptions=True)
+        await self.engine.close()
         await self._probe.aclose()
 
 

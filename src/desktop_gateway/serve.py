@@ -27,11 +27,12 @@ from types import FrameType
 import uvicorn
 
 from desktop_gateway import __version__, metrics
+from desktop_gateway.db.engine import create_engine
 from desktop_gateway.desktop_types import load_desktop_types
-from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway
+from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway, prepare_database
 from desktop_gateway.logs import setup_logging
 from desktop_gateway.relay import MAX_BROWSER_MESSAGE
-from desktop_gateway.settings import Settings
+from desktop_gateway.settings import Settings, load_settings
 
 log = logging.getLogger("desktop_gateway")
 
@@ -252,11 +253,28 @@ def _reload_needs_workers(signum: int, frame: FrameType | None) -> None:
     )
 
 
+async def _check_schema() -> None:
+    """This code's view of the schema, before uvicorn starts: a new worker in a rolling restart runs code
+    the supervisor has not seen (an upgrade), and must refuse an outdated schema in one line, not in the
+    traceback uvicorn prints for a failed lifespan."""
+    settings = load_settings()
+    engine = create_engine(settings.database_url.reveal())
+    try:
+        await prepare_database(settings, engine)
+    finally:
+        await engine.dispose()
+
+
 def _worker(
     config: uvicorn.Config, log_level: str, log_format: str, started: multiprocessing.synchronize.Event
 ) -> None:
     setup_logging(log_level, log_format)  # a spawned process starts with no logging set up
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's signal, for the whole process group
+    try:
+        asyncio.run(_check_schema())
+    except SchemaOutdated as exc:
+        log.error("worker not started: %s", exc)
+        sys.exit(2)
     if config.limit_concurrency is not None:
         raise_open_file_limit(config.limit_concurrency)
     sock = reuseport_socket(config.host, config.port)
@@ -292,7 +310,8 @@ def _supervise(
     The workers are spawned (fresh interpreters), so they inherit ``PROMETHEUS_MULTIPROC_DIR`` from
     this process's environment before they import prometheus_client. This loop sees every worker end,
     so a dead worker's metrics gauges are dropped here (uvicorn's own supervisor, ``uvicorn --workers``,
-    has no public hook for a worker's exit). SIGHUP starts a rolling restart (:func:`_roll`).
+    has no public hook for a worker's exit). SIGHUP starts a rolling restart: new workers first
+    (:func:`_start_replacements`), then the old ones stopped (:func:`_retire`).
     """
     try:
         # Held (bound, not listening) for the supervisor's lifetime: a taken port is reported here, once.
@@ -342,51 +361,55 @@ def _supervise(
                 running[i] = start()
         if reload_asked and not stopping:
             reload_asked = False
-            running[:] = _roll(running, start, ended, lambda: stopping)
+            new = _start_replacements(len(running), start, ended, lambda: stopping)
+            if new is not None:
+                old, running[:] = running[:], new
+                _retire(old, ended)
+                log.info(
+                    "rolling restart done: workers %s replaced by %s",
+                    ", ".join(str(w.process.pid) for w in old),
+                    ", ".join(str(w.process.pid) for w in new),
+                )
     for worker in running:
+        worker.stop()  # again: a signal during a rolling restart found the old workers in the list
         ended(worker)
     held.close()
     return 0
 
 
-def _roll(
-    old: list[_Worker],
+def _start_replacements(
+    count: int,
     start: Callable[[], _Worker],
     ended: Callable[[_Worker], None],
     stopping: Callable[[], bool],
-) -> list[_Worker]:
-    """Replace every worker: start as many new ones, and stop the old ones once all new ones serve.
+) -> list[_Worker] | None:
+    """The first half of a rolling restart: ``count`` new workers, once all of them accept connections.
 
     New workers import the code afresh, so this is also how an upgrade of the installed package is
-    taken up without a moment in which nobody answers. The old workers close their relays with 1001
-    and a sentence, and noVNC reconnects to a new worker; containers and rows are not touched. If a
-    new worker does not come up (a broken upgrade, an outdated schema), the new ones are stopped and
-    the old ones keep serving. Blocks the supervisor for at most ``WORKER_READY_TIMEOUT`` plus the old
-    workers' graceful shutdown.
+    taken up without a moment in which nobody answers. If a new worker does not come up within
+    ``WORKER_READY_TIMEOUT`` (a broken upgrade, an outdated schema), or the supervisor is told to stop,
+    the new ones are stopped and None is returned: the old ones keep serving.
     """
-    log.info("rolling restart: starting %d new worker(s)", len(old))
-    new = [start() for _ in old]
+    log.info("rolling restart: starting %d new worker(s)", count)
+    new = [start() for _ in range(count)]
     deadline = time.monotonic() + WORKER_READY_TIMEOUT
     while not all(w.started.is_set() for w in new):
         if stopping() or time.monotonic() > deadline or any(w.process.exitcode is not None for w in new):
-            for worker in new:
-                worker.stop()
-            for worker in new:
-                ended(worker)
+            _retire(new, ended)
             if not stopping():
                 log.error(
                     "rolling restart given up: a new worker did not start (see its lines above); "
                     "the old workers keep serving"
                 )
-            return old
+            return None
         multiprocessing.connection.wait([w.process.sentinel for w in new], timeout=0.1)
-    for worker in old:
-        worker.stop()
-    for worker in old:
-        ended(worker)
-    log.info(
-        "rolling restart done: workers %s replaced by %s",
-        ", ".join(str(w.process.pid) for w in old),
-        ", ".join(str(w.process.pid) for w in new),
-    )
     return new
+
+
+def _retire(workers: list[_Worker], ended: Callable[[_Worker], None]) -> None:
+    """Stop ``workers`` together and wait for them: each closes its relays with 1001 and a sentence (noVNC
+    reconnects, to a worker still serving) and ends within uvicorn's graceful shutdown timeout."""
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        ended(worker)

@@ -1,7 +1,8 @@
 """The container runtime contract: what the gateway needs from whatever runs desktops.
 
 Small on purpose (ensure an image, start, stop, inspect, list), so the use cases never see Docker's API.
-A container that no longer exists is :attr:`ContainerState.GONE`, never an exception.
+A container that no longer exists is :attr:`ContainerState.GONE`, never an exception; an engine that does
+not answer raises :class:`EngineUnreachable`, which says nothing about any container.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class ContainerState(enum.StrEnum):
 
 class RuntimeFailure(Exception):
     """The runtime could not do what was asked; the message is fit for a desktop's failure reason."""
+
+
+class EngineUnreachable(RuntimeFailure):
+    """The engine does not answer (stopped, restarting, or the way to it is down).
+
+    Its containers may well still run (Docker's ``live-restore`` keeps them across a restart of the
+    engine), so this must never be read as "gone".
+    """
 
 
 class PortTaken(RuntimeFailure):

@@ -2,8 +2,9 @@
 
 The Docker host may be this machine (``unix://``) or another one (``tcp://host:2376`` with TLS client
 certificates). Docker's 404 is translated into "gone" here, at the edge, so nothing above this module
-handles Docker errors by status code. Each call to the engine is timed for the metrics, except
-:meth:`DockerRuntime.stops_within`, whose waiting is its purpose.
+handles Docker errors by status code; an engine that cannot be reached (aiodocker's status 900, or a
+connection cut mid-answer when the engine stops) becomes :class:`EngineUnreachable`. Each call to the
+engine is timed for the metrics, except :meth:`DockerRuntime.stops_within`, whose waiting is its purpose.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import aiodocker
+import aiohttp
 from aiodocker.exceptions import DockerError
 
 from desktop_gateway import metrics
@@ -24,6 +27,7 @@ from desktop_gateway.runtime import (
     ContainerInfo,
     ContainerSpec,
     ContainerState,
+    EngineUnreachable,
     ImageUnavailable,
     PortTaken,
     Progress,
@@ -32,6 +36,33 @@ from desktop_gateway.runtime import (
 
 log = logging.getLogger("desktop_gateway.runtime")
 KASM_PORT = "6901/tcp"
+UNREACHABLE = "the Docker engine does not answer (it may be restarting); try again in a moment"
+NO_CONNECTION = 900  # aiodocker's status for "Cannot connect to Docker Engine"
+
+
+def _being_removed(exc: DockerError) -> bool:
+    """409 "removal ... already in progress": another stop of the same desktop got there first."""
+    return exc.status == 409 and "already in progress" in str(exc.message)
+
+
+def _failure(exc: DockerError, doing: str) -> RuntimeFailure:
+    """What ``exc`` means to the gateway: the engine is unreachable, or it refused ``doing``."""
+    if exc.status == NO_CONNECTION:
+        return EngineUnreachable(UNREACHABLE)
+    return RuntimeFailure(f"Docker could not {doing}: {exc.message}")
+
+
+@contextlib.contextmanager
+def _answering() -> Iterator[None]:
+    """Translate a lost or refused connection to the engine, wherever it surfaces, into EngineUnreachable."""
+    try:
+        yield
+    except aiohttp.ClientError as exc:  # the answer was cut off (the engine stopped while answering)
+        raise EngineUnreachable(UNREACHABLE) from exc
+    except DockerError as exc:
+        if exc.status == NO_CONNECTION:
+            raise EngineUnreachable(UNREACHABLE) from exc
+        raise
 
 
 def _state(raw: str) -> ContainerState:
@@ -53,21 +84,22 @@ class DockerRuntime:
         self._docker = aiodocker.Docker(url=url, ssl_context=tls)
 
     async def ping(self) -> str:
-        with metrics.docker_call("ping"):
+        with metrics.docker_call("ping"), _answering():
             version: dict[str, Any] = await self._docker.version()
             return str(version.get("Version", "unknown"))
 
     async def has_image(self, image: str) -> bool:
         try:
-            await self._docker.images.inspect(image)
+            with _answering():
+                await self._docker.images.inspect(image)
         except DockerError as exc:
             if exc.status != 404:
-                raise RuntimeFailure(f"Docker could not look up the image {image}: {exc.message}") from exc
+                raise _failure(exc, f"look up the image {image}") from exc
             return False
         return True
 
     async def ensure_image(self, image: str, progress: Progress) -> None:
-        with metrics.docker_call("ensure_image"):
+        with metrics.docker_call("ensure_image"), _answering():
             if await self.has_image(image):
                 return
             progress(f"pulling {image}")
@@ -84,6 +116,8 @@ class DockerRuntime:
                     ):
                         progress(f"{status} {line.get('id', '')} {line.get('progress', '')}".strip())
             except DockerError as exc:
+                if exc.status == NO_CONNECTION:
+                    raise
                 raise ImageUnavailable(f"the image {image} could not be pulled: {exc.message}") from exc
             progress(f"pulled {image}")
 
@@ -113,13 +147,13 @@ class DockerRuntime:
         }
 
     async def start(self, spec: ContainerSpec) -> str:
-        with metrics.docker_call("start"):
+        with metrics.docker_call("start"), _answering():
             # A container of this name is ours and stale (an interrupted start): its desktop starts anew.
             await self.stop(spec.name)
             try:
                 container = await self._docker.containers.create(self._config(spec), name=spec.name)
             except DockerError as exc:
-                raise RuntimeFailure(f"Docker could not create the container: {exc.message}") from exc
+                raise _failure(exc, "create the container") from exc
             try:
                 await container.start()
             except DockerError as exc:
@@ -127,41 +161,42 @@ class DockerRuntime:
                     await container.delete(force=True)
                 if _port_taken(exc):
                     raise PortTaken(f"host port {spec.host_port} is taken") from exc
-                raise RuntimeFailure(f"Docker could not start the container: {exc.message}") from exc
+                raise _failure(exc, "start the container") from exc
             return str(container.id)
 
     async def stop(self, container_id: str) -> None:
-        with metrics.docker_call("stop"):
+        with metrics.docker_call("stop"), _answering():
             try:
                 await self._docker.containers.container(container_id).delete(force=True)
             except DockerError as exc:
-                if exc.status != 404:
-                    raise RuntimeFailure(f"Docker could not remove the container: {exc.message}") from exc
+                if exc.status != 404 and not _being_removed(exc):
+                    raise _failure(exc, "remove the container") from exc
 
     async def inspect(self, container_id: str) -> ContainerState:
-        with metrics.docker_call("inspect"):
+        with metrics.docker_call("inspect"), _answering():
             try:
                 data = await self._docker.containers.container(container_id).show()
             except DockerError as exc:
                 if exc.status == 404:
                     return ContainerState.GONE
-                raise RuntimeFailure(f"Docker could not inspect the container: {exc.message}") from exc
+                raise _failure(exc, "inspect the container") from exc
             return _state(str(data.get("State", {}).get("Status", "")))
 
     async def stops_within(self, container_id: str, seconds: float) -> bool:
         try:
-            async with asyncio.timeout(seconds):
-                await self._docker.containers.container(container_id).wait(condition="not-running")
+            with _answering():
+                async with asyncio.timeout(seconds):
+                    await self._docker.containers.container(container_id).wait(condition="not-running")
         except TimeoutError:
             return False
         except DockerError as exc:
             if exc.status != 404:
-                raise RuntimeFailure(f"Docker could not wait for the container: {exc.message}") from exc
+                raise _failure(exc, "wait for the container") from exc
         return True
 
     async def list(self) -> list[ContainerInfo]:
         filters = f'{{"label": ["{LABEL_MANAGED}=true", "{LABEL_INSTANCE}={self.instance}"]}}'
-        with metrics.docker_call("list"):
+        with metrics.docker_call("list"), _answering():
             containers = await self._docker.containers.list(all=True, filters=filters)
         infos = []
         for c in containers:

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from desktop_gateway import apikeys, desktops
 from desktop_gateway.db.models import DesktopState
-from desktop_gateway.desktops import DesktopError, DesktopView, OverLimit
+from desktop_gateway.desktops import DesktopError, DesktopView
 from desktop_gateway.events import DesktopEvent
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.origins import public_base
@@ -83,7 +83,7 @@ def portal_only(handler: Handler, scope: str) -> Callable[[Request], Awaitable[R
         try:
             return await handler(request, gateway)
         except DesktopError as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverLimit) else None
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
             return problem(exc.status, exc.title, str(exc), headers=headers)
 
     return endpoint
@@ -136,12 +136,7 @@ async def delete_one(request: Request, gateway: Gateway) -> Response:
     try:
         view = await gateway.launcher.stop(request.path_params["desktop_id"], "stopped by the portal")
     except RuntimeFailure as exc:
-        return problem(
-            503,
-            "Could not stop",
-            f"the Docker engine could not remove the desktop: {exc}; it is "
-            "removed as soon as Docker answers again",
-        )
+        return problem(503, "Could not stop", str(exc), headers={"Retry-After": "10"})
     gateway.audit.record("stop", view.user, view.name, "by the portal")
     return JSONResponse(_json(view))
 
