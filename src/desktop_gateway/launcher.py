@@ -21,7 +21,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy, desktops, metrics, retention
+from desktop_gateway import closepolicy, desktops, metrics, notices, peers, retention
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
@@ -297,6 +297,7 @@ class Launcher:
             with contextlib.suppress(desktops.DesktopNotFound):
                 desktop, _ = await desktops.load(db, desktop_id)
                 desktops.set_state(desktop, state, reason)
+                await notices.announce(db, notices.Kind.DESKTOP_STOPPED, desktop_id)
                 await db.commit()
         self.events.publish(
             desktop_id, "failed" if state == DesktopState.FAILED else "stopped", reason, state.value
@@ -314,6 +315,7 @@ class Launcher:
             container_id = desktop.container_id
             if desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED):
                 desktops.set_state(desktop, DesktopState.STOPPING)
+                await notices.announce(db, notices.Kind.DESKTOP_STOPPED, desktop_id)
                 await db.commit()
         await self._release(desktop_id, container_id, DesktopState.STOPPED, reason)
         async with self.sessions() as db:
@@ -469,7 +471,9 @@ class Launcher:
             await asyncio.sleep(self.settings.maintenance_interval)
             try:
                 if has_images:
-                    await self.reconcile()
+                    async with peers.reconcile_turn(self.sessions, self.settings.instance) as ours:
+                        if ours:
+                            await self.reconcile()
                     await self.reap()
                 await self.sweep_relays()
                 if self._purged_at is None or time.monotonic() - self._purged_at >= PURGE_INTERVAL:
