@@ -32,7 +32,8 @@ GERMAN = {"Accept-Language": "de-DE,de;q=0.9,en;q=0.8"}
 # Keys looked up by a computed name, and where: the rest must appear literally in the code or templates.
 COMPUTED = (
     "role.",  # home.html and dev_login.html: "role." ~ the person's role
-    "state.",  # home.html: "state." ~ the desktop's state
+    "state.",  # home.py: "state." + the desktop's state
+    "dashboard.step.",  # home.py: "dashboard.step." + the start's step
     "launch.invalid",  # pages.py: "launch." + the launch refusal's name
     "launch.expired",
     "launch.used",

@@ -327,6 +327,7 @@ def test_example_types_file_parses() -> None:
     assert not vscode.is_static
     assert (vscode.memory, vscode.nano_cpus, vscode.shm_size) == (4 * 1024**3, 2_000_000_000, 512 * 1024**2)
     assert vscode.title
+    assert vscode.description.startswith("A Linux desktop")
 
     lab = types["lab-pc"]
     assert lab.endpoint == "wss://lab-pc-01.school.example:6901/"
@@ -345,6 +346,7 @@ def test_types_defaults() -> None:
     assert types["lab"].username == "kasm_user"
     assert types["lab"].password is None
     assert types["lab"].title == "Lab"
+    assert types["lab"].description == ""
 
 
 def test_no_types_file_means_no_types() -> None:
@@ -365,6 +367,7 @@ def test_no_types_file_means_no_types() -> None:
         ({"title": "  ", "image": "kasmweb/chromium:1.16.0"}, "title"),
         ({"title": "T", "image": 5}, "image must be a string"),
         ({"title": "T", "endpoint": "wss://pc:6901/", "password": 1234}, "password must be a string"),
+        ({"title": "T", "endpoint": "wss://pc:6901/", "description": ["x"]}, "description must be a string"),
     ],
 )
 def test_bad_type_table_refused(table: dict[str, object], expected: str) -> None:

@@ -33,6 +33,7 @@ class DesktopType:
     name: str
     title: str
     image: str | None = None
+    description: str = ""
     endpoint: str | None = None
     username: str = "kasm_user"
     password: str | None = dataclasses.field(default=None, repr=False)
@@ -70,7 +71,10 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
         if not isinstance(table, dict):
             raise DesktopTypesError(f"{where}: must be a table")
         unknown = (
-            set(table) - {"title", "image", "endpoint", "username", "password"} - _IMAGE_KEYS - _RULE_KEYS
+            set(table)
+            - {"title", "description", "image", "endpoint", "username", "password"}
+            - _IMAGE_KEYS
+            - _RULE_KEYS
         )
         if unknown:
             raise DesktopTypesError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
@@ -84,7 +88,7 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             parts = urlsplit(str(endpoint))
             if parts.scheme not in ("wss", "ws") or not parts.hostname:
                 raise DesktopTypesError(f"{where}: endpoint must be a wss:// address like wss://lab-pc:6901/")
-        for key in ("image", "endpoint", "username", "password"):
+        for key in ("description", "image", "endpoint", "username", "password"):
             if key in table and not isinstance(table[key], str):
                 raise DesktopTypesError(f"{where}: {key} must be a string")
         if endpoint is not None and set(table) & _IMAGE_KEYS:
@@ -93,6 +97,7 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
         types[name] = DesktopType(
             name=name,
             title=title.strip(),
+            description=str(table.get("description", "")).strip(),
             image=image,
             endpoint=endpoint,
             username=table.get("username", "kasm_user"),

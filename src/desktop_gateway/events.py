@@ -38,11 +38,12 @@ class DesktopEvents:
     def __init__(self) -> None:
         self._history: dict[str, collections.deque[DesktopEvent]] = {}
         self._subscribers: dict[str, set[asyncio.Queue[DesktopEvent]]] = {}
+        self._everything: set[asyncio.Queue[DesktopEvent]] = set()
 
     def publish(self, desktop_id: str, step: str, message: str, state: str | None = None) -> None:
         event = DesktopEvent(desktop_id, step, message, state)
         self._history.setdefault(desktop_id, collections.deque(maxlen=HISTORY)).append(event)
-        for queue in self._subscribers.get(desktop_id, ()):
+        for queue in (*self._subscribers.get(desktop_id, ()), *self._everything):
             if queue.full():
                 queue.get_nowait()
             queue.put_nowait(event)
@@ -65,3 +66,13 @@ class DesktopEvents:
                 subscribers.discard(queue)
                 if not subscribers:
                     del self._subscribers[desktop_id]
+
+    @contextlib.contextmanager
+    def subscribe_all(self) -> Iterator[asyncio.Queue[DesktopEvent]]:
+        """Every desktop's events (a person's dashboard filters its own; new desktops included)."""
+        queue: asyncio.Queue[DesktopEvent] = asyncio.Queue(maxsize=QUEUE)
+        self._everything.add(queue)
+        try:
+            yield queue
+        finally:
+            self._everything.discard(queue)

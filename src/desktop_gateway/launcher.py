@@ -365,10 +365,15 @@ class Launcher:
         async with self.sessions() as db:
             desktop, _ = await desktops.load(db, desktop_id)
             container_id = desktop.container_id
-            if desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED):
+            stopping = desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED)
+            if stopping:
                 desktops.set_state(desktop, DesktopState.STOPPING)
                 await notices.announce(db, notices.Kind.DESKTOP_STOPPED, desktop_id)
                 await db.commit()
+        if stopping:
+            self.events.publish(
+                desktop_id, "stopping", "the desktop is stopping", DesktopState.STOPPING.value
+            )
         if not await self._release(desktop_id, container_id, DesktopState.STOPPED, reason):
             raise EngineUnreachable(REMOVAL_PENDING)
         async with self.sessions() as db:
