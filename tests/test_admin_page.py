@@ -8,17 +8,21 @@ import asyncio
 import datetime as dt
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sqlalchemy import select, update
 
 import kasm_front
+from browser import Browser, chromium
 from conftest import StartGateway
 from desktop_gateway.closepolicy import BLOCKED, DESKTOP_STOPPED
 from desktop_gateway.db.models import AuditEvent, Desktop, DesktopState, User, utcnow
 from desktop_gateway.identity import COOKIE_NAME
 from gatewaytest import RunningGateway, close_frame, dev_sign_in, static_type
+
+__all__ = ["chromium"]  # a fixture, imported for pytest
 
 TIMEOUT = 10
 STOP_ACTIONS = ("/admin/desktops/stop-idle", "/admin/desktops/stop-all")
@@ -273,3 +277,44 @@ async def test_input_at_another_worker_keeps_a_desktop_from_counting_as_idle(
         assert stopped.headers["location"] == "/admin?stopped=0"
     assert await states(a) == {"kim-lab": "running"}
     await admin.aclose()
+
+
+async def test_an_admin_stops_a_desktop_from_the_page_in_a_real_browser(
+    gw: RunningGateway, chromium: Browser
+) -> None:
+    """In Chromium at 1366×768, an admin signs in, reaches the desktop's Stop button by keyboard (with a
+    visible focus ring) and presses it: the student's connection closes with 1001, the page says so."""
+    desktop, cookie = await gw.open_desktop("kim", "lab")
+    port = urlsplit(gw.base_url).port
+    assert port is not None
+    await chromium.expose(port)
+    tab = await chromium.new_tab()
+    page = tab.page
+    await page.set_viewport_size({"width": 1366, "height": 768})
+    await page.goto(f"{gw.base_url}/dev-login")
+    await page.get_by_label("Account name").fill("ada")
+    await page.get_by_label("Role").select_option("admin")
+    await page.get_by_role("button", name="Sign in").click()
+    await page.goto(f"{gw.base_url}/admin")
+    assert await tab.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (
+        f"the page scrolls sideways at 1366x768; screenshot: {await tab.screenshot('admin-wide')}"
+    )
+    async with gw.browser(f"/desktop/{desktop['name']}/websockify", cookie) as ws:
+        await ws.send(b"ping")
+        assert await asyncio.wait_for(ws.recv(), TIMEOUT) == b"ping"
+        stop = page.get_by_role("button", name="Stop the desktop kim-lab")
+        for _ in range(20):  # Tab through the page until the button has the focus
+            await page.keyboard.press("Tab")
+            if await stop.evaluate("b => b === document.activeElement"):
+                break
+        else:
+            raise await tab.failure("the Stop button cannot be reached with the keyboard")
+        outline = await stop.evaluate(
+            "b => getComputedStyle(b).outlineStyle + ' ' + getComputedStyle(b).outlineWidth"
+        )
+        assert outline == "solid 3px", outline
+        await page.keyboard.press("Enter")
+        assert await close_frame(ws) == (DESKTOP_STOPPED.code, DESKTOP_STOPPED.reason)
+    await page.get_by_role("status").filter(has_text="1 desktop stopped.").wait_for(timeout=TIMEOUT * 1000)
+    assert await states(gw) == {"kim-lab": "stopped"}
+    await tab.screenshot("admin-stopped")
