@@ -14,6 +14,7 @@ import os
 import pwd
 import signal
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ MODULES = {
     "proxy_http_module": "mod_proxy_http.so",
     "headers_module": "mod_headers.so",
     "setenvif_module": "mod_setenvif.so",
+    # For the site in front of several gateways (desktop-gateway-balanced.conf).
+    "slotmem_shm_module": "mod_slotmem_shm.so",
+    "proxy_balancer_module": "mod_proxy_balancer.so",
+    "lbmethod_byrequests_module": "mod_lbmethod_byrequests.so",  # the balancer's default, needed first
+    "lbmethod_bybusyness_module": "mod_lbmethod_bybusyness.so",
 }
 READY_ATTEMPTS = 200  # connect attempts, each followed by up to READY_WAIT seconds of watching the process
 READY_WAIT = 0.05
@@ -60,8 +66,11 @@ def _run_as() -> str:
     raise RuntimeError("running as root, but there is neither a www-data nor a nobody user for Apache")
 
 
-def write_config(root: Path, port: int, backend: str, site: Path = SITE_CONF) -> Path:
-    """Write ``root/apache2.conf``: the private server part, then the shipped site config (or ``site``)."""
+def write_config(
+    root: Path, port: int, backend: str, site: Path = SITE_CONF, defines: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``root/apache2.conf``: the private server part, then the shipped site config (or ``site``),
+    with ``defines`` (``Define`` names and values) for what that site leaves to the server's config."""
     cert, key = kasm_front.make_self_signed_cert(root)
     modules = "".join(f"LoadModule {name} {MODULE_DIR / so}\n" for name, so in MODULES.items())
     config = root / "apache2.conf"
@@ -81,7 +90,8 @@ def write_config(root: Path, port: int, backend: str, site: Path = SITE_CONF) ->
         "Define DESKTOP_GATEWAY_SERVER_NAME 127.0.0.1\n"
         f"Define DESKTOP_GATEWAY_CERT {cert}\n"
         f"Define DESKTOP_GATEWAY_KEY {key}\n"
-        f"Include {site}\n"
+        + "".join(f"Define {name} {value}\n" for name, value in (defines or {}).items())
+        + f"Include {site}\n"
     )
     return config
 
@@ -121,11 +131,13 @@ class RunningApache:
                 raise AssertionError(f"Apache did not stop within {STOP_TIMEOUT} s of SIGTERM") from None
 
 
-async def start_apache(root: Path, port: int, backend: str, site: Path = SITE_CONF) -> RunningApache:
+async def start_apache(
+    root: Path, port: int, backend: str, site: Path = SITE_CONF, defines: Mapping[str, str] | None = None
+) -> RunningApache:
     """Start Apache in the foreground on ``127.0.0.1:port``, proxying to ``backend`` (host:port) with the
-    shipped site config (or ``site``)."""
+    shipped site config (or ``site``, with ``defines``)."""
     root.mkdir(parents=True)  # noqa: ASYNC240 (set-up, before any traffic)
-    config = write_config(root, port, backend, site)
+    config = write_config(root, port, backend, site, defines)
     with (root / "stderr.log").open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             str(APACHE_BIN),

@@ -33,23 +33,13 @@ from test_docker_desktops import (
     remove_instance,
     wait_for_state,
 )
+from test_standin_image import build_image
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_TIMEOUT = 1800.0  # a cold build debootstraps Debian twice (gateway base, stand-in): minutes
 READY_TIMEOUT = 60.0
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 TYPES_IN_CONTAINER = "/etc/desktop-gateway/desktop-types.toml"
 DEPLOY = ROOT / "deploy"
-
-
-def _build(script: str) -> str:
-    """Run a build script of the project; return the image name it prints last."""
-    result = subprocess.run(
-        [str(ROOT / script)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=BUILD_TIMEOUT
-    )
-    if result.returncode != 0:
-        pytest.fail(f"{script} failed with status {result.returncode}:\n{result.stderr[-4000:]}")
-    return result.stdout.strip().splitlines()[-1]
 
 
 @dataclass(frozen=True)
@@ -66,7 +56,10 @@ def images() -> Images:
         subprocess.run(["docker", "version"], capture_output=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         missing_real_component(f"no Docker engine answers ({exc})")
-    return Images(gateway=_build("scripts/build-image"), desktop=_build("standin/build-image"))
+    return Images(
+        gateway=build_image(ROOT / "scripts" / "build-image"),
+        desktop=build_image(ROOT / "standin" / "build-image"),
+    )
 
 
 @dataclass(frozen=True)

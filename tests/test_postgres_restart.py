@@ -54,7 +54,8 @@ async def test_relays_survive_a_postgresql_restart(
 ) -> None:
     """PostgreSQL stopped (fast: every connection cut) and started under a live relay: the relay keeps
     echoing, a new connection meanwhile gets 1011 "try again in a moment" and the API 503 with
-    Retry-After, and within seconds of the restart new connections work again."""
+    Retry-After, and within seconds of the restart new connections work again
+    and notices from other gateways are heard again."""
     if os.geteuid() != 0:
         missing_real_component("restarting PostgreSQL needs root (pg_ctlcluster)")
     version, name = await cluster_serving(make_url(database_url).port or 5432)
@@ -84,6 +85,9 @@ async def test_relays_survive_a_postgresql_restart(
                     break
             assert time.monotonic() - back < BACK_WITHIN, "the API did not recover after PostgreSQL came back"
             await asyncio.sleep(0.2)
+        # Notices from other gateways are heard again too (the listening connection came back).
+        assert gw.gateway.listener is not None
+        await asyncio.wait_for(gw.gateway.listener.listening.wait(), BACK_WITHIN)
         async with gw.browser(path, cookie) as again:
             await again.send(b"after")
             assert await asyncio.wait_for(again.recv(), TIMEOUT) == b"after"

@@ -27,7 +27,7 @@ from gatewaytest import missing_real_component
 from kasm_front import insecure_client_context
 
 BUILD_IMAGE = Path(__file__).resolve().parents[1] / "standin" / "build-image"
-BUILD_TIMEOUT = 1800.0  # a cold build debootstraps a Debian system: minutes
+BUILD_TIMEOUT = 1800.0  # a cold build debootstraps a Debian system (the gateway's image: two): minutes
 READY_TIMEOUT = 60.0  # Kasm images take 7-10 s from start to usable; the stand-in ~2 s
 TIMEOUT = 10.0
 CLIENT_SSL = insecure_client_context()
@@ -61,8 +61,13 @@ def standin_image() -> str:
     problem = _docker_problem()
     if problem is not None:
         missing_real_component(f"no Docker engine: {problem}")
+    return build_image(BUILD_IMAGE)
+
+
+def build_image(script: Path) -> str:
+    """Run one of the project's image build scripts; return the image name it prints last."""
     result = subprocess.run(
-        [str(BUILD_IMAGE)],
+        [str(script)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -70,7 +75,7 @@ def standin_image() -> str:
         check=False,
     )
     if result.returncode != 0:
-        pytest.fail(f"standin/build-image failed with status {result.returncode}:\n{result.stderr[-4000:]}")
+        pytest.fail(f"{script.name} failed with status {result.returncode}:\n{result.stderr[-4000:]}")
     return result.stdout.strip().splitlines()[-1]
 
 

@@ -13,7 +13,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy
+from desktop_gateway import closepolicy, peers
 from desktop_gateway.apikeys import KeyUsage
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db import schema
@@ -24,15 +24,17 @@ from desktop_gateway.events import DesktopEvents
 from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
+from desktop_gateway.notices import Listener
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import ContainerRuntime
 from desktop_gateway.runtime.docker import DockerRuntime
-from desktop_gateway.sessionwatch import watch_sessions
+from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import Provider
 from desktop_gateway.upstream import unverified_tls
 
 log = logging.getLogger("desktop_gateway")
+LISTEN_WAIT = 5.0  # seconds a starting gateway waits to hear the other gateways' notices before serving
 
 # Gateways alive in this process, so that the server can tell their relays it is going away before it
 # closes connections itself (uvicorn would otherwise close them with 1012 before the lifespan ends).
@@ -62,6 +64,9 @@ class Gateway:
     provider: Provider | None = None
     maintenance: asyncio.Task[None] | None = None
     session_watch: asyncio.Task[None] | None = None
+    listener: Listener | None = None
+    listening: asyncio.Task[None] | None = None
+    presence: peers.FilePresence | None = None
 
     @property
     def has_image_types(self) -> bool:
@@ -107,7 +112,9 @@ async def prepare_database(settings: Settings, engine: AsyncEngine) -> None:
 
 @contextlib.asynccontextmanager
 async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterator[Gateway]:
-    """Everything a gateway process shares. ``maintain``: reconcile with Docker now and periodically."""
+    """Everything a gateway process shares. ``maintain``: reconcile with Docker now and periodically,
+    and take part among the gateways on the database (notices, presence); ``False`` for a short look
+    before serving (see ``serve``)."""
     types = load_desktop_types(settings.desktop_types_file)
     engine = create_engine(settings.database_url.reveal())
     try:
@@ -142,23 +149,37 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         )
         gateway.audit.start()
         _LIVE.add(gateway)
+        noticed = engine.dialect.name == "postgresql"
+        wake = asyncio.Event()
         try:
             if maintain and gateway.has_image_types and await gateway.docker_reachable():
-                await gateway.launcher.reconcile()
+                async with peers.reconcile_turn(sessions, settings.instance) as ours:
+                    if ours:
+                        await gateway.launcher.reconcile()
             if maintain:
                 gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
+                await take_part(gateway, wake)
             gateway.session_watch = asyncio.create_task(
-                watch_sessions(sessions, hub, gateway.session_usage, gateway.codec.idle_timeout),
+                watch_sessions(
+                    sessions,
+                    hub,
+                    gateway.session_usage,
+                    gateway.codec.idle_timeout,
+                    NOTICED_WATCH_INTERVAL if noticed else WATCH_INTERVAL,
+                    wake,
+                ),
                 name="session watch",
             )
             yield gateway
         finally:
             _LIVE.discard(gateway)
-            for task in (gateway.maintenance, gateway.session_watch):
+            for task in (gateway.maintenance, gateway.session_watch, gateway.listening):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            if gateway.presence is not None:
+                gateway.presence.close()
             await gateway.launcher.close()
             await gateway.going_away()
             await gateway.audit.close()
@@ -168,6 +189,29 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await gateway.runtime.close()
     finally:
         await engine.dispose()
+
+
+async def take_part(gateway: Gateway, wake: asyncio.Event) -> None:
+    """Join the other gateways on the database: on PostgreSQL listen for their notices (``wake`` is
+    set whenever listening (re)starts, to check the rows for what was missed), on SQLite mark this
+    process present beside the file."""
+    settings = gateway.settings
+    if gateway.engine.dialect.name != "postgresql":
+        database_file = sqlite_file(settings.database_url.reveal())
+        if database_file is not None:
+            gateway.presence = peers.FilePresence(database_file)
+        return
+    gateway.listener = Listener(
+        gateway.engine,
+        gateway.hub,
+        instance=settings.instance,
+        secret_key=settings.secret_key.reveal(),
+        reconnected=wake.set,
+    )
+    gateway.listening = asyncio.create_task(gateway.listener.run(), name="notices")
+    # Serving before listening would miss a stop made meanwhile until the next check of the rows.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(gateway.listener.listening.wait(), LISTEN_WAIT)
 
 
 def asset_client() -> httpx.AsyncClient:

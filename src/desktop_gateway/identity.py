@@ -23,7 +23,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy
+from desktop_gateway import closepolicy, notices
 from desktop_gateway.access import Person
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.cookies import parse_cookie_header
@@ -179,13 +179,15 @@ async def start_session(
 
 
 async def end_session(db: AsyncSession, session_id: str) -> str | None:
-    """Revoke a session; return the provider's ID token it was started with, if any. The caller commits."""
+    """Revoke a session; return the provider's ID token it was started with, if any. The caller commits
+    (which also tells the other gateways, to close the session's relays there)."""
     id_token = await db.scalar(select(BrowserSession.id_token).where(BrowserSession.id == session_id))
     await db.execute(
         update(BrowserSession)
         .where(BrowserSession.id == session_id)
         .values(revoked_at=utcnow(), id_token=None)
     )
+    await notices.announce(db, notices.Kind.SESSION_ENDED, session_id)
     return id_token
 
 

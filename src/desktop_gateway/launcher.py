@@ -24,7 +24,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from desktop_gateway import closepolicy, desktops, metrics, retention
+from desktop_gateway import closepolicy, desktops, metrics, notices, peers, retention
 from desktop_gateway.audit import AuditLog
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
@@ -327,6 +327,7 @@ class Launcher:
             with contextlib.suppress(desktops.DesktopNotFound):
                 desktop, _ = await desktops.load(db, desktop_id)
                 desktops.set_state(desktop, state, reason)
+                await notices.announce(db, notices.Kind.DESKTOP_STOPPED, desktop_id)
                 await db.commit()
         self.events.publish(
             desktop_id, "failed" if state == DesktopState.FAILED else "stopped", reason, state.value
@@ -366,6 +367,7 @@ class Launcher:
             container_id = desktop.container_id
             if desktop.state not in (DesktopState.STOPPED, DesktopState.FAILED):
                 desktops.set_state(desktop, DesktopState.STOPPING)
+                await notices.announce(db, notices.Kind.DESKTOP_STOPPED, desktop_id)
                 await db.commit()
         if not await self._release(desktop_id, container_id, DesktopState.STOPPED, reason):
             raise EngineUnreachable(REMOVAL_PENDING)
@@ -568,7 +570,9 @@ class Launcher:
             try:
                 if has_images and await self.engine.check():
                     try:
-                        await self.reconcile()
+                        async with peers.reconcile_turn(self.sessions, self.settings.instance) as ours:
+                            if ours:
+                                await self.reconcile()
                         await self.reap()
                     except EngineUnreachable as exc:
                         self.engine.lost(exc)

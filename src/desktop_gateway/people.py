@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from desktop_gateway import notices
 from desktop_gateway.access import ROLES, group_acts, role_from, string_list
 from desktop_gateway.db.conflicts import insert_unless_taken
 from desktop_gateway.db.models import Role, User, utcnow
@@ -148,11 +149,12 @@ async def override_role(db: AsyncSession, user_id: int, role: str | None) -> Use
 
 async def set_blocked(db: AsyncSession, user_id: int, blocked: bool) -> User:
     """Block (every session ends) or unblock a user. The caller commits, then closes this process's
-    relays; other processes see the revoked sessions within a second."""
+    relays; the commit tells the other gateways to close theirs."""
     user = await get_user(db, user_id)
     if blocked and user.blocked_at is None:
         user.blocked_at = utcnow()
         await end_user_sessions(db, user_id)
+        await notices.announce(db, notices.Kind.USER_BLOCKED, user.username)
     elif not blocked:
         user.blocked_at = None
     return user

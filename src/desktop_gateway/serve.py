@@ -26,8 +26,8 @@ from types import FrameType
 
 import uvicorn
 
-from desktop_gateway import __version__, metrics
-from desktop_gateway.db.engine import create_engine
+from desktop_gateway import __version__, metrics, peers
+from desktop_gateway.db.engine import create_engine, sqlite_file
 from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway, prepare_database
 from desktop_gateway.logs import setup_logging
@@ -167,12 +167,33 @@ def raise_open_file_limit(max_connections: int) -> None:
 async def _prepare(settings: Settings) -> None:
     """Once, before any worker runs: check or upgrade the schema, and reconcile with Docker.
 
-    No start can be in progress yet, so every desktop still marked ``starting`` was interrupted (the
-    gateway crashed or was killed): its container is removed and its port freed.
+    No start of this gateway can be in progress yet, so unless other gateways use the database, every
+    desktop still marked ``starting`` was interrupted (the gateway crashed or was killed): its container
+    is removed and its port freed. Other gateways' starts are left to them (a start that is really stuck
+    is rolled back by the periodic reconciliation once it is older than the start timeout).
     """
     async with open_gateway(settings, maintain=False) as gateway:
+        others = await peers.others_present(
+            gateway.engine, settings.instance, sqlite_file(settings.database_url.reveal())
+        )
+        if others and gateway.engine.dialect.name == "sqlite":
+            log.warning(
+                "another gateway already uses the SQLite database %s: SQLite serves one gateway on one "
+                "machine (its --workers see each other's sign-outs and stops by checking every second); "
+                "for several gateways set DESKTOP_GATEWAY_DATABASE_URL to a PostgreSQL database",
+                settings.database_url_for_display,
+            )
+        elif others:
+            log.info(
+                "%d process(es) of other gateways of instance %s use this database: reconciliation takes "
+                "turns with them, and their desktops being started are left to them",
+                others,
+                settings.instance,
+            )
         if gateway.has_image_types and await gateway.docker_reachable():
-            await gateway.launcher.reconcile(fresh=True)
+            async with peers.reconcile_turn(gateway.sessions, settings.instance) as ours:
+                if ours:
+                    await gateway.launcher.reconcile(fresh=not others)
 
 
 def _announce(settings: Settings, host: str, port: int, workers: int) -> None:

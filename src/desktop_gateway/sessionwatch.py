@@ -1,26 +1,31 @@
-"""Ends relays whose browser session ended in another worker process, and keeps relaying sessions alive.
+"""Ends relays whose browser session or desktop ended elsewhere, and keeps relaying sessions alive.
 
-A sign-out, block or expiry handled by this process ends its relays at once; the others learn it from
-the session rows, which this task reads once a second while there are relays (one query of the
-relaying sessions). It also counts relaying as use of the session, so a student working in the desktop
-for hours is not signed out as idle.
+A sign-out, block or stop handled by this process ends its relays at once. Other processes learn it
+from the rows, which this task reads while there are relays (one query of the relaying sessions, one of
+their desktops): once a second on SQLite, whose gateways are worker processes of one machine. On
+PostgreSQL the other gateways are told at once by a notice (see :mod:`desktop_gateway.notices`), so the
+rows are read only every few seconds, for expiry and for anything a notice missed, and at once when
+the notice listener (re)connects. It also counts relaying as use of the session, so a student working in
+the desktop for hours is not signed out as idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from desktop_gateway import closepolicy
-from desktop_gateway.db.models import BrowserSession, User, utcnow
+from desktop_gateway.db.models import BrowserSession, Desktop, DesktopState, User, utcnow
 from desktop_gateway.identity import SessionUsage, session_ended
 from desktop_gateway.relayhub import RelayHub
 
 log = logging.getLogger("desktop_gateway")
 WATCH_INTERVAL = 1.0  # seconds; "signed out everywhere within a second or two"
+NOTICED_WATCH_INTERVAL = 5.0  # seconds, where notices carry sign-outs and stops (PostgreSQL)
 
 
 async def check_sessions(
@@ -65,16 +70,50 @@ async def check_sessions(
     return stopped
 
 
+async def check_desktops(sessions: async_sessionmaker[AsyncSession], hub: RelayHub) -> int:
+    """One pass: stop the relays of desktops that are no longer running; return how many were stopped."""
+    handles = list(hub)
+    if not handles:
+        return 0
+    async with sessions() as db:
+        running = set(
+            (
+                await db.execute(
+                    select(Desktop.id).where(
+                        Desktop.id.in_({h.desktop_id for h in handles}),
+                        Desktop.state == DesktopState.RUNNING,
+                    )
+                )
+            ).scalars()
+        )
+    stopped = 0
+    for handle in handles:
+        if handle.desktop_id not in running:
+            handle.stop(closepolicy.DESKTOP_STOPPED)
+            stopped += 1
+    return stopped
+
+
 async def watch_sessions(
-    sessions: async_sessionmaker[AsyncSession], hub: RelayHub, usage: SessionUsage, idle_timeout: int
+    sessions: async_sessionmaker[AsyncSession],
+    hub: RelayHub,
+    usage: SessionUsage,
+    idle_timeout: int,
+    interval: float = WATCH_INTERVAL,
+    wake: asyncio.Event | None = None,
 ) -> None:
-    """Run :func:`check_sessions` every WATCH_INTERVAL until cancelled; a failed pass is logged and
-    retried (the database may be restarting: running relays are left alone meanwhile)."""
+    """Run :func:`check_sessions` and :func:`check_desktops` every ``interval`` seconds, and at once
+    whenever ``wake`` is set, until cancelled; a failed pass is logged and retried (the database may be
+    restarting: running relays are left alone meanwhile)."""
+    wake = wake or asyncio.Event()
     failures = 0
     while True:
-        await asyncio.sleep(WATCH_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        wake.clear()
         try:
             await check_sessions(sessions, hub, usage, idle_timeout)
+            await check_desktops(sessions, hub)
             failures = 0
         except asyncio.CancelledError:
             raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -20,10 +19,10 @@ from desktop_gateway.cookies import parse_cookie_header
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.origins import origin_allowed
 from desktop_gateway.web import i18n
+from desktop_gateway.web.bodies import read_form
 from desktop_gateway.web.pages import PAGE_HEADERS, message
 
 log = logging.getLogger("desktop_gateway.pages")
-MAX_FORM = 4096
 # Where the switch may send the browser back to: a path of this gateway, never another site. Browsers
 # read "//host" and "/\host" as another host, and drop tabs and newlines before they do.
 SAME_SITE_PATH = re.compile(r"/(?![/\\])[^\\\x00-\x20\x7f]{0,2000}")
@@ -72,12 +71,9 @@ async def choose(request: Request) -> Response:
         # Another site could at most change a student's language; refused like every cross-site form.
         log.info("language change refused: origin=%.100r", request.headers.get("origin"))
         return message(403, "language.cannot", "language.foreign_origin")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            return message(413, "language.cannot", "page.form_too_large")
-    form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+    form = await read_form(request)
+    if form is None:
+        return message(413, "language.cannot", "page.form_too_large")
     language = form.get("lang", "")
     if language not in i18n.LANGUAGES:
         return message(422, "language.cannot", "language.unknown")

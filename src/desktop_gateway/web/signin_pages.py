@@ -7,7 +7,6 @@ the development form) says, any session the browser had is ended, and a new one 
 from __future__ import annotations
 
 import logging
-from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -23,10 +22,10 @@ from desktop_gateway.origins import origin_allowed, public_base
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import CALLBACK_PATH, SignInFailed, signin_middleware
 from desktop_gateway.web import i18n
+from desktop_gateway.web.bodies import read_form
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render
 
 log = logging.getLogger("desktop_gateway.signin")
-MAX_FORM = 4096
 SIGN_IN_REFUSALS = {people.BLOCKED: "signin.blocked", people.NO_SUBJECT: "signin.no_subject"}
 
 
@@ -122,12 +121,9 @@ async def dev_login(request: Request) -> Response:
         return message(404, "error.not_found_heading", "error.no_such_page")
     if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
         return message(403, "signin.cannot", "signin.foreign_origin")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            return message(413, "signin.cannot", "page.form_too_large")
-    form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+    form = await read_form(request)
+    if form is None:
+        return message(413, "signin.cannot", "page.form_too_large")
     try:
         name = normalise_username(form.get("name", ""))
     except InvalidUser:
