@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -28,12 +27,13 @@ from desktop_gateway.origins import origin_allowed
 from desktop_gateway.runtime import RuntimeFailure
 from desktop_gateway.web import i18n
 from desktop_gateway.web.admin import change_person, user_json
-from desktop_gateway.web.language import MAX_FORM
+from desktop_gateway.web.bodies import read_form
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render
 
 log = logging.getLogger("desktop_gateway.pages")
 # "Stop all idle" stops running desktops without input for this long (seconds).
 IDLE_AFTER = 10 * 60
+NO_OVERRIDE = "none"  # the role override's choice "as the sign-in says"
 STOPPABLE = (DesktopState.STARTING, DesktopState.RUNNING, DesktopState.STOPPING)
 
 
@@ -105,6 +105,7 @@ async def admin_page(request: Request) -> Response:
         desktops=rows,
         users=users,
         roles=ROLES,
+        no_override=NO_OVERRIDE,
         idle_minutes=IDLE_AFTER // 60,
         notice=notice,
     )
@@ -177,13 +178,8 @@ async def stop_all(request: Request) -> Response:
 
 
 async def _form(request: Request) -> dict[str, str] | Response:
-    """The posted form's fields (empty ones kept: an empty role override clears it)."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_FORM:
-            return message(413, "admin.cannot", "page.form_too_large")
-    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+    form = await read_form(request)
+    return message(413, "admin.cannot", "page.form_too_large") if form is None else form
 
 
 async def _stop_each(gateway: Gateway, desktop_ids: list[str], caller: str) -> int:
@@ -197,7 +193,7 @@ async def _stop_each(gateway: Gateway, desktop_ids: list[str], caller: str) -> i
 
 
 async def change_user(request: Request) -> Response:
-    """A person's role override (``role_override``: a role, or empty for the provider's) or block
+    """A person's role override (``role_override``: a role, or ``none`` for the provider's) or block
     (``blocked``: ``yes`` or ``no``), one form each."""
     who = _admin(request, change=True)
     if isinstance(who, Response):
@@ -207,10 +203,10 @@ async def change_user(request: Request) -> Response:
         return form
     change: dict[str, object] = {}
     role, blocked = form.get("role_override"), form.get("blocked")
-    if isinstance(role, str):
-        if role and role not in ROLES:
+    if role is not None:
+        if role != NO_OVERRIDE and role not in ROLES:
             return message(422, "admin.cannot", "admin.bad_change", link=("/admin", "admin.back"))
-        change["role_override"] = role or None
+        change["role_override"] = None if role == NO_OVERRIDE else role
     if blocked in ("yes", "no"):
         change["blocked"] = blocked == "yes"
     raw_id = request.path_params["user_id"]
