@@ -463,9 +463,29 @@ async def test_every_german_page_is_german(start_gateway: StartGateway, kasm: ka
         assert english_left(shown) == []
         assert sentences["showFailureReason"] is False
         assert_german(await anna.get("/desktop/nobodys-lab"), data)
+        assert_german(await anna.get("/admin"), data)  # for admins only
         assert_german(await anna.post("/logout", headers=origin), data)
     finally:
         await anna.aclose()
+
+    async with httpx.AsyncClient(base_url=gw.base_url, headers=GERMAN) as stranger:
+        assert_german(await stranger.get("/admin"), data)
+        assert_german(await stranger.post("/admin/desktops/stop-idle", headers=origin), data)
+    ada = await dev_sign_in(gw, "ada", "admin", "5a")
+    ada.headers.update(GERMAN)
+    try:
+        admin_page = await ada.get("/admin")
+        times = set(re.findall(r"<time [^>]*>([^<]+)</time>", admin_page.text))
+        assert times
+        admin_data = data | times | {"ada", "Ada", "5a", "ben-lab", "lab", f"127.0.0.1:{kasm.port}"}
+        admin_shown = assert_german(admin_page, admin_data)
+        assert {"Alle Desktops", "Personen", "Beenden", "Sperren"} <= set(admin_shown.texts)
+        stopped = await ada.post("/admin/desktops/stop-all", data={"confirm": "yes"}, headers=origin)
+        assert_german(await ada.get(stopped.headers["location"]), admin_data)
+        assert_german(await ada.post("/admin/desktops/stop-all", headers=origin), admin_data)
+        assert_german(await ada.post("/admin/desktops/stop-idle"), admin_data)  # no Origin
+    finally:
+        await ada.aclose()
 
 
 async def test_the_switch_changes_the_language_and_remembers_it(

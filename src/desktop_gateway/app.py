@@ -17,7 +17,18 @@ from desktop_gateway.db.engine import sqlite_file
 from desktop_gateway.gateway import open_gateway
 from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
-from desktop_gateway.web import admin, api, assets, home, i18n, language, pages, scrape, signin_pages
+from desktop_gateway.web import (
+    admin,
+    admin_pages,
+    api,
+    assets,
+    home,
+    i18n,
+    language,
+    pages,
+    scrape,
+    signin_pages,
+)
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
 from desktop_gateway.web.unavailable import DatabaseFailures
@@ -40,6 +51,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *api.routes,
         *admin.routes,
         *home.routes,
+        *admin_pages.routes,
         *signin_pages.routes(settings),
         *pages.routes,
         *language.routes,

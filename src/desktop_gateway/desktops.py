@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 
@@ -399,6 +400,44 @@ async def list_desktops(db: AsyncSession, raw_user: object | None = None) -> lis
             return []
         query = query.where(Desktop.user_id == user.id)
     return [DesktopView.of(d, u) for d, u in (await db.execute(query)).all()]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdminDesktop:
+    """What an admin sees of a desktop: the API's view, where it runs, and its last recorded input."""
+
+    view: DesktopView
+    state_changed_at: dt.datetime
+    address: str | None  # host:port of the container's published port, or the endpoint's
+    last_activity_at: dt.datetime | None
+
+
+async def list_for_admin(db: AsyncSession) -> list[AdminDesktop]:
+    """Every desktop, newest first, with where it runs (never its credentials)."""
+    query = (
+        select(Desktop, User.username)
+        .join(User, User.id == Desktop.user_id)
+        .order_by(Desktop.created_at.desc(), Desktop.name)
+    )
+    return [
+        AdminDesktop(DesktopView.of(d, u), d.state_changed_at, _address(d), d.last_activity_at)
+        for d, u in (await db.execute(query)).all()
+    ]
+
+
+def _address(desktop: Desktop) -> str | None:
+    if desktop.host is not None and desktop.host_port is not None:
+        return f"{desktop.host}:{desktop.host_port}"
+    if desktop.endpoint is not None:
+        return urllib.parse.urlsplit(desktop.endpoint).netloc.rpartition("@")[2] or None
+    return None
+
+
+def is_idle(last_input: dt.datetime | None, now: dt.datetime, idle_for: int) -> bool:
+    """Whether a running desktop counts as idle for an admin's "stop all idle": no keyboard, mouse or
+    clipboard input (nor a connect) for ``idle_for`` seconds; one never used since it started is idle
+    by the same count from its start (``last_input`` is then its start)."""
+    return last_input is None or (now - last_input).total_seconds() >= idle_for
 
 
 async def load(db: AsyncSession, desktop_id: str) -> tuple[Desktop, str]:

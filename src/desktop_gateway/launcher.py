@@ -492,14 +492,27 @@ class Launcher:
                 latest[handle.desktop_id] = when
         return latest
 
-    async def reap(self) -> None:
-        """Record activity, then stop container desktops idle too long or running too long."""
+    def last_input(self, desktop_id: str, recorded: dt.datetime | None) -> dt.datetime | None:
+        """A desktop's last input: the later of what the database recorded (every worker's, written at
+        each maintenance round) and what this process's relays saw since."""
+        return max(filter(None, (recorded, self.activity().get(desktop_id))), default=None)
+
+    async def record_activity(self) -> None:
+        """Write this process's relays' last input to the database, where every worker (and the admin
+        page's idle check) reads it."""
         activity = self.activity()
-        now = utcnow()
+        if not activity:
+            return
         async with self.sessions() as db:
             for desktop_id, when in activity.items():
                 await desktops.touch(db, desktop_id, when)
             await db.commit()
+
+    async def reap(self) -> None:
+        """Record activity, then stop container desktops idle too long or running too long."""
+        await self.record_activity()
+        now = utcnow()
+        async with self.sessions() as db:
             rows = (
                 await db.execute(
                     select(
@@ -568,8 +581,10 @@ class Launcher:
                         await self.reap()
                     except EngineUnreachable as exc:
                         self.engine.lost(exc)
-                elif has_images:
-                    log.debug("reconciling and idle stops wait for the Docker engine to answer")
+                else:
+                    if has_images:
+                        log.debug("reconciling and idle stops wait for the Docker engine to answer")
+                    await self.record_activity()
                 await self.sweep_relays()
                 if self._purged_at is None or time.monotonic() - self._purged_at >= PURGE_INTERVAL:
                     await self.purge_expired()

@@ -133,6 +133,11 @@ async def get_user(db: AsyncSession, user_id: int) -> User:
     return user
 
 
+async def list_users(db: AsyncSession) -> list[User]:
+    """Everyone the gateway knows, by handle: for the admin API and the admin page."""
+    return list((await db.execute(select(User).order_by(User.username))).scalars())
+
+
 async def override_role(db: AsyncSession, user_id: int, role: str | None) -> User:
     """Set (or with ``None`` clear) an admin's role override; it outlasts sign-ins. The caller commits."""
     if role is not None and role not in ROLES:

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -80,7 +79,7 @@ def guarded(handler: AdminHandler, scope: str = "admin") -> Callable[[Request], 
     return endpoint
 
 
-def _user_json(user: User) -> dict[str, Any]:
+def user_json(user: User) -> dict[str, Any]:
     return {
         "id": user.id,
         "username": user.username,
@@ -98,8 +97,8 @@ def _user_json(user: User) -> dict[str, Any]:
 
 async def list_users(request: Request, gateway: Gateway, caller: str) -> Response:
     async with gateway.sessions() as db:
-        users = (await db.execute(select(User).order_by(User.username))).scalars().all()
-        return JSONResponse({"users": [_user_json(u) for u in users]})
+        users = await people.list_users(db)
+        return JSONResponse({"users": [user_json(u) for u in users]})
 
 
 async def change_user(request: Request, gateway: Gateway, caller: str) -> Response:
@@ -118,15 +117,24 @@ async def change_user(request: Request, gateway: Gateway, caller: str) -> Respon
     user_id = _int(request.path_params["user_id"])
     if user_id is None:
         return problem(404, "User not found", "user ids are whole numbers")
+    return JSONResponse(await change_person(gateway, user_id, data, caller))
+
+
+async def change_person(gateway: Gateway, user_id: int, data: dict[str, Any], caller: str) -> dict[str, Any]:
+    """Apply a checked change (``role_override`` and/or ``blocked``), audit it, and end a blocked
+    person's relays; the user as the API shows it. :class:`people.UnknownUser` if there is none.
+
+    The admin API and the admin page both change people through this."""
     async with gateway.sessions() as db:
         user = await people.get_user(db, user_id)
         before_role, before_blocked = user.role_override, user.blocked_at is not None
+        role = data.get("role_override")
         if "role_override" in data:
             await people.override_role(db, user_id, role)
         if "blocked" in data:
             await people.set_blocked(db, user_id, data["blocked"])
         await db.commit()
-        body = _user_json(user)
+        body = user_json(user)
     if "role_override" in data and role != before_role:
         gateway.audit.record("role", body["username"], None, f"override {before_role} -> {role} by {caller}")
     if "blocked" in data and data["blocked"] != before_blocked:
@@ -136,7 +144,7 @@ async def change_user(request: Request, gateway: Gateway, caller: str) -> Respon
         if data["blocked"]:
             # This process's relays now; the other workers' within a second (they watch the sessions).
             gateway.hub.stop_user(body["username"], closepolicy.BLOCKED)
-    return JSONResponse(body)
+    return body
 
 
 def _int(raw: str) -> int | None:

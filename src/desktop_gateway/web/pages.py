@@ -246,10 +246,7 @@ async def desktop_status(request: Request) -> Response:
         "warning": False,
     }
     if desktop.state == DesktopState.RUNNING and desktop.container_id is not None:
-        last = max(
-            filter(None, (desktop.last_activity_at, gateway.launcher.activity().get(desktop.id))),
-            default=None,
-        )
+        last = gateway.launcher.last_input(desktop.id, desktop.last_activity_at)
         deadline = stop_deadline(gateway.settings, desktop.started_at, last)
         if deadline is not None:
             when, why = deadline
