@@ -529,29 +529,6 @@ class Launcher:
                 self.audit.record("stop", row.username, row.name, reason)
                 await self.stop(row.id, reason)
 
-    async def sweep_relays(self) -> None:
-        """End relays whose desktop stopped in another worker process (sessions: see sessionwatch).
-
-        A stop ends the relays of the process that handled it at once; this catches the rest.
-        """
-        handles = list(self.hub)
-        if not handles:
-            return
-        async with self.sessions() as db:
-            running = set(
-                (
-                    await db.execute(
-                        select(Desktop.id).where(
-                            Desktop.id.in_({h.desktop_id for h in handles}),
-                            Desktop.state == DesktopState.RUNNING,
-                        )
-                    )
-                ).scalars()
-            )
-        for handle in handles:
-            if handle.desktop_id not in running:
-                handle.stop(closepolicy.DESKTOP_STOPPED)
-
     async def purge_expired(self) -> None:
         """Delete expired sessions, used launch tokens past their lifetime and audit events past retention."""
         async with self.sessions() as db:
@@ -567,8 +544,9 @@ class Launcher:
             )
 
     async def maintain(self) -> None:
-        """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, sweep relays; and
-        purge expired rows once an hour. Reconciling and idle stops wait while the engine does not answer."""
+        """Every ``maintenance_interval`` seconds until cancelled: reconcile, reap, record activity; and
+        purge expired rows once an hour. Reconciling and idle stops wait while the engine does not answer.
+        (Relays of desktops stopped elsewhere are ended by the session watch, see sessionwatch.)"""
         has_images = any(not t.is_static for t in self.types.values())
         while True:
             await asyncio.sleep(self.settings.maintenance_interval)
@@ -585,7 +563,6 @@ class Launcher:
                     if has_images:
                         log.debug("reconciling and idle stops wait for the Docker engine to answer")
                     await self.record_activity()
-                await self.sweep_relays()
                 if self._purged_at is None or time.monotonic() - self._purged_at >= PURGE_INTERVAL:
                     await self.purge_expired()
             except asyncio.CancelledError:
