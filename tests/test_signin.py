@@ -345,10 +345,11 @@ async def test_a_reused_account_name_does_not_inherit_the_desktop(
         await signed_in(gw, browser, login)
         home = await browser.get(f"{gw.base_url}/")
     assert "Someone Else" in home.text
-    assert "Open</a>" not in home.text
+    assert 'id="card-lab" data-type="lab" data-state="stopped"' in home.text, home.text
     first, second = await user_row(gw, first_uuid), await user_row(gw, second_uuid)
     assert first.id != second.id
     assert second.username != first.username
+    assert f"/desktop/{first.username}-lab" not in home.text, "the former owner's desktop is not offered"
 
 
 async def test_without_provider_settings_sign_in_says_so(start_gateway: StartGateway) -> None:
