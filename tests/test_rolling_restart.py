@@ -9,6 +9,7 @@ is told why its connection closed, and reconnects to the same desktop by itself.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ from apachetest import RunningApache, start_apache
 from browser import Browser, chromium
 from desktop_gateway.closepolicy import GATEWAY_GOING_AWAY
 from gatewaytest import make_schema_outdated
+from test_api_key_scopes import serving_process
 from test_browser import NOVNC_CONNECTED, WEBSOCKET_CLOSES, assert_desktop_shown, open_launch_link
 from test_cli import clean_env, command, free_port, run, wait_for_port
 from test_docker_desktops import docker_cli, docker_image, follow_until, image_type, instance
@@ -45,6 +47,31 @@ def worker_pids(parent: int) -> set[int]:
         except FileNotFoundError:  # a process that ended while we looked
             continue
     return found
+
+
+def answering_worker(parent: int, port: int) -> int:
+    """GET /healthz on a new connection; the pid of the worker that answered it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        assert conn.sock is not None, "the connection is kept alive, so its server side can be found"
+        return serving_process(parent, port, conn.sock.getsockname()[1])
+    finally:
+        conn.close()
+
+
+async def both_workers_serve(parent: int, port: int) -> set[int]:
+    """Until each of the two workers has answered a request (a worker still starting may already listen,
+    or not yet); return their pids."""
+    answered: set[int] = set()
+    async with asyncio.timeout(RESTART_TIMEOUT):
+        while answered != worker_pids(parent) or len(answered) != 2:
+            answered.add(await asyncio.to_thread(answering_worker, parent, port))
+            answered &= worker_pids(parent)
+    return answered
 
 
 class Serve:
@@ -206,10 +233,7 @@ async def test_rolling_restart_whose_new_workers_cannot_start_keeps_the_old_ones
     env = clean_env(DATABASE_URL=database_url, SECRET_KEY="rolling-restart-secret-key-0123456789abcdef")
     serve = Serve(tmp_path, port, env)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            for _ in range(20):  # new connections, spread over both workers: both have started
-                assert (await client.get("/healthz", headers={"Connection": "close"})).status_code == 200
-        before = worker_pids(serve.process.pid)
+        before = await both_workers_serve(serve.process.pid, port)
         await make_schema_outdated(database_url)
         serve.process.send_signal(signal.SIGHUP)
         await serve.wait_for_log("rolling restart given up", RESTART_TIMEOUT)
