@@ -69,6 +69,13 @@ class DesktopRow:
     stoppable: bool
 
 
+def _last_input(gateway: Gateway, d: desktops.AdminDesktop) -> dt.datetime | None:
+    """A running desktop's last input (the database's or this worker's relays', the later); None else."""
+    if d.view.state != DesktopState.RUNNING:
+        return None
+    return gateway.launcher.last_input(d.view.id, d.last_activity_at)
+
+
 async def admin_page(request: Request) -> Response:
     who = _admin(request, change=False)
     if isinstance(who, Response):
@@ -85,9 +92,7 @@ async def admin_page(request: Request) -> Response:
             desktop_type=d.view.desktop_type,
             state=d.view.state.value,
             since=d.state_changed_at,
-            last_input=gateway.launcher.last_input(d.view.id, d.last_activity_at)
-            if d.view.state == DesktopState.RUNNING
-            else None,
+            last_input=_last_input(gateway, d),
             address=d.address,
             stoppable=d.view.state in STOPPABLE,
         )
@@ -154,8 +159,7 @@ async def stop_idle(request: Request) -> Response:
     idle = [
         d.view.id
         for d in found
-        if d.view.state == DesktopState.RUNNING
-        and desktops.is_idle(gateway.launcher.last_input(d.view.id, d.last_activity_at), now, IDLE_AFTER)
+        if d.view.state == DesktopState.RUNNING and desktops.is_idle(_last_input(gateway, d), now, IDLE_AFTER)
     ]
     return _back(stopped=await _stop_each(gateway, idle, who.username))
 

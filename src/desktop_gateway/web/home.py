@@ -172,14 +172,24 @@ def refused(request: Request, status: int, heading: str, sentence: str) -> Respo
     return message(status, heading, sentence)
 
 
+def signed_in_here(request: Request, heading: str, foreign_origin: str) -> Identity | Response:
+    """The person behind a state-changing form, or the refusal: from another site's page (403, checked
+    first: it says nothing about who is signed in), or from a signed-out browser (401)."""
+    gateway: Gateway = request.state.gateway
+    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
+        return refused(request, 403, heading, foreign_origin)
+    who: Identity | None = request.scope.get("identity")
+    if who is None:
+        return refused(request, 401, "desktop.not_signed_in_heading", "start.sign_in_first")
+    return who
+
+
 async def start(request: Request) -> Response:
     """Start (or find) the signed-in person's desktop of a type and go to its viewer."""
     gateway: Gateway = request.state.gateway
-    who: Identity | None = request.scope.get("identity")
-    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
-        return refused(request, 403, "start.cannot", "start.foreign_origin")
-    if who is None:
-        return refused(request, 401, "desktop.not_signed_in_heading", "start.sign_in_first")
+    who = signed_in_here(request, "start.cannot", "start.foreign_origin")
+    if isinstance(who, Response):
+        return who
     type_name = request.path_params["type_name"]
     can_run = await gateway.can_start_images(type_name)
     try:
@@ -207,11 +217,9 @@ async def start(request: Request) -> Response:
 async def stop(request: Request) -> Response:
     """Stop the signed-in person's own desktop of a type (a person can name no one else's)."""
     gateway: Gateway = request.state.gateway
-    who: Identity | None = request.scope.get("identity")
-    if not origin_allowed(request.scope, request.headers, gateway.settings.public_origin):
-        return refused(request, 403, "stop.cannot", "stop.foreign_origin")
-    if who is None:
-        return refused(request, 401, "desktop.not_signed_in_heading", "start.sign_in_first")
+    who = signed_in_here(request, "stop.cannot", "stop.foreign_origin")
+    if isinstance(who, Response):
+        return who
     async with gateway.sessions() as db:
         row = (
             await db.execute(
