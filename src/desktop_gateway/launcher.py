@@ -46,6 +46,7 @@ from desktop_gateway.runtime import (
 )
 from desktop_gateway.runtime.watch import EngineWatch
 from desktop_gateway.settings import Settings
+from desktop_gateway.spaces import home_volume
 from desktop_gateway.upstream import Target, unverified_tls
 
 log = logging.getLogger("desktop_gateway.launcher")
@@ -88,11 +89,6 @@ def failure_kind(exc: Exception) -> metrics.StartFailure:
 
 def container_name(instance: str, desktop_name: str) -> str:
     return f"dg-{instance}-{desktop_name}"
-
-
-def home_volume(instance: str, username: str, type_name: str) -> str:
-    """One home per user and desktop type, kept across stops and starts."""
-    return f"dg-home-{instance}-{username}-{type_name}"
 
 
 class Launcher:

@@ -49,9 +49,13 @@ class ImageUnavailable(RuntimeFailure):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Mount:
+    """A bind mount of a host path (from the types file), or with ``volume`` a named volume (created on
+    first use)."""
+
     source: str
     target: str
     read_only: bool = True
+    volume: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -128,7 +128,12 @@ class DockerRuntime:
             "Mounts": [
                 {"Type": "volume", "Source": spec.home_volume, "Target": "/home/kasm-user"},
                 *(
-                    {"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
+                    {
+                        "Type": "volume" if m.volume else "bind",
+                        "Source": m.source,
+                        "Target": m.target,
+                        "ReadOnly": m.read_only,
+                    }
                     for m in spec.mounts
                 ),
             ],
