@@ -21,6 +21,7 @@ from desktop_gateway.db.engine import create_engine, session_factory, sqlite_fil
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
 from desktop_gateway.desktops import Limits, settle_endpoint_desktops, sync_desktop_types
 from desktop_gateway.events import DesktopEvents
+from desktop_gateway.files import Files
 from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
@@ -28,6 +29,7 @@ from desktop_gateway.notices import Listener
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import ContainerRuntime
 from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime.volumes import Volumes
 from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import Provider
@@ -61,6 +63,7 @@ class Gateway:
     launcher: Launcher
     key_usage: KeyUsage
     session_usage: SessionUsage
+    files: Files
     provider: Provider | None = None
     maintenance: asyncio.Task[None] | None = None
     session_watch: asyncio.Task[None] | None = None
@@ -128,6 +131,13 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         database_file = sqlite_file(settings.database_url.reveal())
         hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions, sqlite_file=database_file)
         runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+        files = Files(
+            Volumes(settings.docker_url, settings.instance, settings.docker_tls_context()),
+            settings.instance,
+            types,
+            settings.files_image,
+            settings.files_quota,
+        )
         gateway = Gateway(
             settings=settings,
             engine=engine,
@@ -142,7 +152,8 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             assets=asset_client(),
             runtime=runtime,
             events=events,
-            launcher=Launcher(settings, sessions, types, runtime, events, hub, audit),
+            launcher=Launcher(settings, sessions, types, runtime, events, hub, audit, files),
+            files=files,
             key_usage=KeyUsage(sessions, database_file),
             session_usage=SessionUsage(sessions, database_file),
             provider=Provider(settings.oidc) if settings.oidc is not None else None,
@@ -187,6 +198,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await gateway.session_usage.close()
             await gateway.assets.aclose()
             await gateway.runtime.close()
+            await gateway.files.volumes.close()
     finally:
         await engine.dispose()
 

@@ -17,7 +17,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import httpx
 from sqlalchemy import or_, select, update
@@ -29,6 +29,7 @@ from desktop_gateway.audit import AuditLog
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.events import DesktopEvents
+from desktop_gateway.files import Files
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import (
     LABEL_DESKTOP_ID,
@@ -41,6 +42,7 @@ from desktop_gateway.runtime import (
     ContainerState,
     EngineUnreachable,
     ImageUnavailable,
+    Mount,
     PortTaken,
     RuntimeFailure,
 )
@@ -101,8 +103,10 @@ class Launcher:
         events: DesktopEvents,
         hub: RelayHub,
         audit: AuditLog,
+        files: Files | None = None,
     ) -> None:
         self.settings = settings
+        self.files = files
         self.sessions = sessions
         self.types = types
         self.runtime = runtime
@@ -150,7 +154,8 @@ class Launcher:
                 desktop_type.image, lambda line: self.events.publish(desktop_id, "pull", line, "starting")
             )
             password = secrets.token_urlsafe(24)
-            container_id, port = await self._create(desktop_id, name, user, desktop_type, password)
+            mounts = await self._space_mounts(user, desktop_type.image)
+            container_id, port = await self._create(desktop_id, name, user, desktop_type, password, mounts)
             endpoint = f"wss://{self.settings.container_host}:{port}/"
             async with self.sessions() as db:
                 desktop, _ = await desktops.load(db, desktop_id)
@@ -202,8 +207,21 @@ class Launcher:
         finally:
             self._starts.pop(desktop_id, None)
 
+    async def _space_mounts(self, user: str, image: str) -> list[Mount]:
+        """The shared and hand-in folders of ``user``'s groups, for the desktop to mount (see files)."""
+        if self.files is None:
+            return []
+        async with self.sessions() as db:
+            return await self.files.desktop_mounts(db, user, image)
+
     async def _create(
-        self, desktop_id: str, name: str, user: str, desktop_type: DesktopType, password: str
+        self,
+        desktop_id: str,
+        name: str,
+        user: str,
+        desktop_type: DesktopType,
+        password: str,
+        space_mounts: Sequence[Mount] = (),
     ) -> tuple[str, int]:
         """Allocate a port and start the container on it; another port if Docker finds it taken."""
         assert desktop_type.image is not None
@@ -228,7 +246,7 @@ class Launcher:
                 memory=desktop_type.memory,
                 nano_cpus=desktop_type.nano_cpus,
                 shm_size=desktop_type.shm_size,
-                mounts=desktop_type.mounts,
+                mounts=(*desktop_type.mounts, *space_mounts),
             )
             try:
                 container_id = await self.runtime.start(spec)

@@ -108,6 +108,9 @@ class Settings:
     teacher_groups: frozenset[str] = frozenset()
     dev_login: bool = False
     metrics_token: Secret | None = None
+    files_image: str | None = None
+    max_upload: int = 100 * 1024 * 1024
+    files_quota: int = 1024 * 1024 * 1024
 
     @property
     def database_url_for_display(self) -> str:
@@ -373,6 +376,9 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         teacher_groups=_names(env, "TEACHER_GROUPS"),
         dev_login=_flag(env, "DEV_LOGIN", errors),
         metrics_token=_metrics_token(env, errors),
+        files_image=env.get(PREFIX + "FILES_IMAGE", "") or None,
+        max_upload=_int(env, "MAX_UPLOAD", 100 * 1024 * 1024, errors),
+        files_quota=_int(env, "FILES_QUOTA", 1024 * 1024 * 1024, errors, minimum=0),
     )
     multiproc_dir = env.get("PROMETHEUS_MULTIPROC_DIR", "")
     if multiproc_dir and not Path(multiproc_dir).is_dir():
