@@ -25,7 +25,7 @@ def test_a_student_has_homes_read_only_shared_folders_and_an_own_hand_in_per_gro
         Space(Kind.SHARED, "dg-shared-i1-5a", False, group="5a"),
         Space(Kind.HANDIN, "dg-handin-i1-5a-anna", True, group="5a", owner="anna"),
         Space(Kind.SHARED, "dg-shared-i1-chor", False, group="chor"),
-        Space(Kind.HANDIN, "dg-handin-i1-chor-anna", False, group="chor", owner="anna"),
+        Space(Kind.HANDIN, "dg-handin-i1-chor-anna", False, group="chor", owner="anna", closed=True),
     ]
     assert [s.key for s in found] == [
         "home/ubuntu",

@@ -9,7 +9,7 @@ has, so a key of someone else's space is simply not found.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,7 +19,7 @@ from desktop_gateway.db.models import Role, User
 from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.runtime import Mount
 from desktop_gateway.runtime.volumes import Entry, Refused, Volumes
-from desktop_gateway.spaces import Kind, Space
+from desktop_gateway.spaces import Space
 
 
 class NoSuchSpace(Refused):
@@ -29,10 +29,9 @@ class NoSuchSpace(Refused):
 
 class ReadOnly(Refused):
     def __init__(self, space: Space) -> None:
-        if space.kind is Kind.HANDIN and space.owner is not None and space.writable is False:
-            super().__init__(
-                "This hand-in folder is closed or not yours to change: nothing can be stored in it."
-            )
+        self.closed = space.closed
+        if self.closed:
+            super().__init__("This hand-in folder is closed: nothing can be stored in it now.")
         else:
             super().__init__("You may look at this folder, but not change it.")
 
@@ -112,10 +111,10 @@ class Files:
     async def listing(self, space: Space, path: str) -> list[Entry]:
         return await self.volumes.listing(self.image, space.volume, self.segments(path))
 
-    def read(self, space: Space, path: str) -> AsyncIterator[bytes]:
+    def read(self, space: Space, path: str) -> AsyncGenerator[bytes, None]:
         return self.volumes.read(self.image, space.volume, self.segments(path))
 
-    def read_tar(self, space: Space, path: str) -> AsyncIterator[bytes]:
+    def read_tar(self, space: Space, path: str) -> AsyncGenerator[bytes, None]:
         return self.volumes.read_tar(self.image, space.volume, self.segments(path))
 
     async def write(self, space: Space, path: str, data: bytes) -> None:

@@ -46,6 +46,7 @@ class Space:
     group: str | None = None
     owner: str | None = None  # the student of a hand-in, the user of a home
     desktop_type: str | None = None  # of a home
+    closed: bool = False  # a student's own hand-in, closed by a teacher
 
     @property
     def key(self) -> str:
@@ -114,7 +115,8 @@ def spaces_of(
                     found.append(Space(Kind.HANDIN, volume, False, group=group, owner=student))
         elif person.role is Role.STUDENT:
             volume = handin_volume(instance, group, username)
-            found.append(Space(Kind.HANDIN, volume, group not in closed, group=group, owner=username))
+            shut = group in closed
+            found.append(Space(Kind.HANDIN, volume, not shut, group=group, owner=username, closed=shut))
     return found
 
 

@@ -26,7 +26,7 @@ import secrets
 import ssl
 import tarfile
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import aiodocker
@@ -255,13 +255,13 @@ class Volumes:
         async with self.helper(image, [volume], read_only=True) as helper:
             return parse_listing(await helper.script(_LIST, path_in(segments)))
 
-    async def read(self, image: str, volume: str, segments: Sequence[str]) -> AsyncIterator[bytes]:
+    async def read(self, image: str, volume: str, segments: Sequence[str]) -> AsyncGenerator[bytes, None]:
         """A file's bytes as they come (a generator: the helper lives while it is read)."""
         async with self.helper(image, [volume], read_only=True) as helper:
             async for chunk in helper.stream(["sh", "-c", _READ, "sh", path_in(segments)]):
                 yield chunk
 
-    async def read_tar(self, image: str, volume: str, segments: Sequence[str]) -> AsyncIterator[bytes]:
+    async def read_tar(self, image: str, volume: str, segments: Sequence[str]) -> AsyncGenerator[bytes, None]:
         """A folder as a tar stream (links stored as links, never followed)."""
         async with self.helper(image, [volume], read_only=True) as helper:
             async for chunk in helper.stream(["sh", "-c", _TAR, "sh", path_in(segments)]):
