@@ -16,6 +16,7 @@ from conftest import StartGateway
 from gatewaytest import RunningGateway, dev_sign_in
 from test_docker_desktops import containers_of, docker_image, instance
 from test_files_docker import HOME, class_5a, files_instance, in_desktop, running_desktop
+from test_languages import GERMAN, assert_german
 
 __all__ = ["docker_image", "files_instance", "instance"]  # fixtures, imported for pytest
 
@@ -70,9 +71,9 @@ async def test_a_teacher_shares_a_file_by_upload_that_a_students_desktop_reads_b
     assert await names(anna, "shared/5a") == ["Blatt 1.txt"]
     dashboard = await anna.get("/", headers={"Accept": "text/html"})
     assert 'href="/files"' in dashboard.text
-    page = await anna.get("/files", headers={"Accept": "text/html", "Accept-Language": "de"})
+    page = await anna.get("/files", headers={"Accept": "text/html", **GERMAN})
     assert page.status_code == 200
-    assert "Deine Dateien" in page.text
+    assert "Deine Dateien" in assert_german(page, {"anna"}).texts
 
 
 async def test_a_hand_in_is_uploaded_read_by_the_teacher_closed_and_reopened(
