@@ -165,7 +165,7 @@ async def test_uploads_over_the_limit_or_the_quota_are_refused_and_store_nothing
     start_gateway: StartGateway, docker_image: str, files_instance: str, browser_of: Browsers
 ) -> None:
     """An upload over MAX_UPLOAD, or one that would take the space over FILES_QUOTA, is 413 with a
-    sentence, and nothing of it is stored; no helper container is left behind."""
+    sentence (one without a length 411), and nothing of it is stored; no helper container is left behind."""
     gw = await class_5a(start_gateway, docker_image, files_instance, max_upload="60000", files_quota="100000")
     anna = await browser_of(gw, "anna", "student")
     home = "home/standin"
@@ -176,7 +176,14 @@ async def test_uploads_over_the_limit_or_the_quota_are_refused_and_store_nothing
     over = await put(anna, home, "b.bin", b"b" * 55_000)
     assert over.status_code == 413
     assert over.json()["error"].startswith("There is not enough room")
-    assert await names(anna, home) == ["a.bin"]
+
+    async def unmeasured() -> AsyncIterator[bytes]:
+        yield b"no length given"
+
+    chunked = await anna.put("/files/upload", params={"space": home, "path": "c.bin"}, content=unmeasured())
+    assert chunked.status_code == 411
+    assert chunked.json()["error"].startswith("Send the file with its length")
+    assert await names(anna, home) == ["a.bin"], "nothing stored, no hidden upload left behind"
     assert await containers_of(files_instance) == [], "every file helper container is removed"
 
 

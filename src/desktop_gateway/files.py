@@ -9,7 +9,7 @@ has, so a key of someone else's space is simply not found.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -118,12 +118,23 @@ class Files:
         return self.volumes.read_tar(self.image, space.volume, self.segments(path))
 
     async def write(self, space: Space, path: str, data: bytes) -> None:
+        """Store ``data`` as the file ``path`` (see :meth:`write_stream`)."""
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        await self.write_stream(space, path, one(), len(data))
+
+    async def write_stream(self, space: Space, path: str, chunks: AsyncIterator[bytes], size: int) -> None:
+        """Store ``size`` bytes from ``chunks`` as the file ``path`` (a writable space, within the quota)."""
         segments = self.segments(path)
         if not segments:
             raise BadPath("Name the file to store.")
         if not space.writable:
             raise ReadOnly(space)
-        await self.volumes.write(self.image, space.volume, segments[:-1], segments[-1], data, self.quota)
+        await self.volumes.write(
+            self.image, space.volume, segments[:-1], segments[-1], chunks, size, self.quota
+        )
 
     async def delete(self, space: Space, path: str) -> None:
         segments = self.segments(path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import secrets
 import ssl
 import tarfile
@@ -40,7 +39,7 @@ LABEL_HELPER = LABEL_PREFIX + "files-helper"
 LABEL_CLOSED = LABEL_PREFIX + "closed-handin"
 TOP = "/space"
 DESKTOP_UID = 1000
-HELPER_LIFETIME = 600  # seconds a helper lives at most, should the gateway die before removing it
+HELPER_LIFETIME = 3600  # seconds a helper lives at most (a download of a large folder must fit in it)
 
 # Exit codes of the helper's scripts, and what they mean to the person.
 NOT_FOUND, LINK, NOT_DIR, IS_DIR, TOP_FOLDER = 3, 4, 5, 6, 7
@@ -65,6 +64,8 @@ _DELETE = _CHECK + '[ "$1" = "' + TOP + '" ] && exit 7; exec rm -rf -- "$1"'
 _WRITABLE = (
     _CHECK + '[ -d "$1" ] || exit 5; [ -L "$1/$2" ] && exit 4; [ -d "$1/$2" ] && exit 6; exec du -sb ' + TOP
 )
+# $1: the folder, $2: the uploaded file's hidden name, $3: its name (checked again: it may have changed).
+_RENAME = _CHECK + '[ -L "$1/$3" ] && exit 4; [ -d "$1/$3" ] && exit 6; exec mv -f -T -- "$1/$2" "$1/$3"'
 _USAGE = 'exec du -sb "$1"'
 _NOT_WRITABLE = 'find "$v" -xdev ! -type l -exec chmod go-w {} +'
 _LOCK = 'for v in "$@"; do chown -R -h 0:0 "$v" && ' + _NOT_WRITABLE + " || exit 1; done"
@@ -134,15 +135,26 @@ def path_in(segments: Sequence[str]) -> str:
     return "/".join((TOP, *segments))
 
 
-def tar_of(name: str, data: bytes) -> bytes:
-    """A tar holding one file ``name`` owned by the desktops' user."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-        info.uid = info.gid = DESKTOP_UID
-        tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+class ShortBody(RuntimeFailure):
+    """The upload ended before the size it announced."""
+
+
+async def tar_stream(name: str, size: int, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A tar holding one file ``name`` of ``size`` bytes from ``chunks``, owned by the desktops' user,
+    made as the chunks come (never all in memory)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+    info.uid = info.gid = DESKTOP_UID
+    yield info.tobuf(format=tarfile.PAX_FORMAT)
+    sent = 0
+    async for chunk in chunks:
+        sent += len(chunk)
+        if sent > size:
+            raise ShortBody("the upload is longer than it said")
+        yield chunk
+    if sent != size:
+        raise ShortBody("the upload ended early")
+    yield b"\0" * (-size % tarfile.BLOCKSIZE) + b"\0" * (2 * tarfile.BLOCKSIZE)
 
 
 def parse_listing(raw: bytes) -> list[Entry]:
@@ -185,7 +197,8 @@ class Volumes:
             "WorkingDir": "/",
             "Labels": {LABEL_HELPER: "true", LABEL_INSTANCE: self.instance},
             "NetworkDisabled": True,
-            "HostConfig": {"NetworkMode": "none", "Mounts": mounts, "AutoRemove": False},
+            # Removed by Docker too once its sleep ends, should the gateway die before removing it.
+            "HostConfig": {"NetworkMode": "none", "Mounts": mounts, "AutoRemove": True},
         }
         name = f"dg-files-{self.instance}-{secrets.token_hex(6)}"
         with _answering():
@@ -272,21 +285,39 @@ class Volumes:
             return int((await helper.script(_USAGE, TOP)).split()[0])
 
     async def write(
-        self, image: str, volume: str, folder: Sequence[str], name: str, data: bytes, quota: int
+        self,
+        image: str,
+        volume: str,
+        folder: Sequence[str],
+        name: str,
+        chunks: AsyncIterator[bytes],
+        size: int,
+        quota: int,
     ) -> None:
-        """Store ``data`` as ``folder/name`` (replacing a file of that name), owned by uid 1000; refused
-        when the space would then hold more than ``quota`` bytes (0: no quota)."""
+        """Store ``size`` bytes from ``chunks`` as ``folder/name`` (replacing a file of that name), owned
+        by uid 1000; refused when the space would then hold more than ``quota`` bytes (0: no quota).
+
+        The bytes go to a hidden name first and are renamed when complete, so a desktop never sees half
+        a file and a broken upload leaves nothing behind.
+        """
+        hidden = f".dg-upload-{secrets.token_hex(8)}"
         async with self.helper(image, [volume]) as helper:
             used = int((await helper.script(_WRITABLE, path_in(folder), name)).split()[0])
-            if quota and used + len(data) > quota:
+            if quota and used + size > quota:
                 raise OverQuota(used, quota)
-            with _answering():
-                try:
-                    await helper.container.put_archive(  # type: ignore[no-untyped-call]
-                        path_in(folder), tar_of(name, data)
-                    )
-                except DockerError as exc:
-                    raise _failure(exc, "store the file") from exc
+            try:
+                with _answering():
+                    try:
+                        await helper.container.put_archive(  # type: ignore[no-untyped-call]
+                            path_in(folder), tar_stream(hidden, size, chunks)
+                        )
+                    except DockerError as exc:
+                        raise _failure(exc, "store the file") from exc
+                await helper.script(_RENAME, path_in(folder), hidden, name)
+            except BaseException:
+                with contextlib.suppress(RuntimeFailure, DockerError):
+                    await helper.run(["rm", "-f", "--", f"{path_in(folder)}/{hidden}"])
+                raise
 
     async def delete(self, image: str, volume: str, segments: Sequence[str]) -> None:
         async with self.helper(image, [volume]) as helper:

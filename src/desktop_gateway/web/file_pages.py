@@ -4,8 +4,9 @@ page, and the JSON endpoints its script calls.
 Who may call: a signed-in browser only (401 otherwise), and only for spaces that person has (a key of
 anyone else's space is 404, see :mod:`desktop_gateway.files`); writes (upload, delete, closing a
 hand-in) also need the gateway's own Origin (403 otherwise) and are audited. Uploads are the request's
-raw body, one file per request (``PUT``): it is streamed and cut off at ``MAX_UPLOAD`` while it is read,
-needs no multipart parser, and the browser reports its progress just the same.
+raw body, one file per request (``PUT``, with its ``Content-Length``): it is refused over ``MAX_UPLOAD``
+before a byte is read, streamed into the space without being held in memory, needs no multipart parser,
+and the browser reports its progress just the same.
 """
 
 from __future__ import annotations
@@ -232,27 +233,18 @@ async def upload(request: Request) -> Response:
         return found
     gateway, who, space, path = found
     limit = gateway.settings.max_upload
-    too_large = error(413, "files.too_large", megabytes=max(limit // (1024 * 1024), 1))
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return too_large
+    if not declared.isdigit():
+        return error(411, "files.length_required")
+    size = int(declared)
+    if size > limit:
+        return error(413, "files.too_large", megabytes=max(limit // (1024 * 1024), 1))
     try:
-        files.Files.segments(path)
-        if not space.writable:
-            raise files.ReadOnly(space)
+        await gateway.files.write_stream(space, path, request.stream(), size)
     except RuntimeFailure as exc:
         return refusal(exc)
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            return too_large
-    try:
-        await gateway.files.write(space, path, bytes(body))
-    except RuntimeFailure as exc:
-        return refusal(exc)
-    gateway.audit.record("files-upload", who.username, None, f"{space.key}/{path} ({len(body)} bytes)")
-    return JSONResponse({"stored": path, "size": len(body)}, status_code=201, headers=PAGE_HEADERS)
+    gateway.audit.record("files-upload", who.username, None, f"{space.key}/{path} ({size} bytes)")
+    return JSONResponse({"stored": path, "size": size}, status_code=201, headers=PAGE_HEADERS)
 
 
 async def delete(request: Request) -> Response:
