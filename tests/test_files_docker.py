@@ -39,6 +39,9 @@ async def files_instance(instance: str) -> AsyncIterator[str]:
     await remove_instance(instance)
     for volume in (await docker_cli("volume", "ls", "-q")).split():
         if any(volume.startswith(f"dg-{kind}-{instance}-") for kind in ("shared", "handin", "closed")):
+            # A file helper of the still running gateway may hold it (a failed test leaves requests behind).
+            for holder in (await docker_cli("ps", "-aq", "--filter", f"volume={volume}")).split():
+                await docker_cli("rm", "-f", holder)
             await docker_cli("volume", "rm", "-f", volume)
 
 
