@@ -41,7 +41,10 @@ async def files_instance(instance: str) -> AsyncIterator[str]:
         if any(volume.startswith(f"dg-{kind}-{instance}-") for kind in ("shared", "handin", "closed")):
             # A file helper of the still running gateway may hold it (a failed test leaves requests behind).
             for holder in (await docker_cli("ps", "-aq", "--filter", f"volume={volume}")).split():
-                await docker_cli("rm", "-f", holder)
+                removal = await asyncio.create_subprocess_exec(
+                    "docker", "rm", "-f", holder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                await removal.wait()  # it may be removing itself already (a helper's auto-removal)
             await docker_cli("volume", "rm", "-f", volume)
 
 
