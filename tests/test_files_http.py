@@ -55,7 +55,8 @@ async def test_a_teacher_shares_a_file_by_upload_that_a_students_desktop_reads_b
     start_gateway: StartGateway, docker_image: str, files_instance: str, browser_of: Browsers
 ) -> None:
     """The teacher's upload to Shared/5a is listed in a student's running desktop, which cannot write
-    there; the student's upload to it is refused with a sentence; the page links from the dashboard."""
+    there; the student's upload and delete are refused, the teacher's delete works; the page links from
+    the dashboard and speaks German."""
     gw = await class_5a(start_gateway, docker_image, files_instance)
     teacher, anna = await browser_of(gw, "frau-k", "teacher"), await browser_of(gw, "anna", "student")
     stored = await put(teacher, "shared/5a", "Blatt 1.txt", b"Aufgabe 1\n")
@@ -69,6 +70,13 @@ async def test_a_teacher_shares_a_file_by_upload_that_a_students_desktop_reads_b
     assert refused.status_code == 403
     assert refused.json()["error"] == "You may look at this folder, but not change it."
     assert await names(anna, "shared/5a") == ["Blatt 1.txt"]
+    params = {"space": "shared/5a", "path": "Blatt 1.txt"}
+    assert (await anna.post("/files/delete", params=params)).status_code == 403
+    assert (await put(teacher, "shared/5a", "alt.txt", b"alt")).status_code == 201
+    deleted = await teacher.post("/files/delete", params={"space": "shared/5a", "path": "alt.txt"})
+    assert deleted.status_code == 200, deleted.text
+    gone = await asyncio.to_thread(in_desktop, container, f"ls {HOME}/Shared/5a")
+    assert gone.stdout.split() == ["Blatt", "1.txt"]
     dashboard = await anna.get("/", headers={"Accept": "text/html"})
     assert 'href="/files"' in dashboard.text
     page = await anna.get("/files", headers={"Accept": "text/html", **GERMAN})

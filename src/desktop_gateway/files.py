@@ -73,6 +73,11 @@ class Files:
                 return t.image
         raise Refused("No desktop type has an image, so there is nothing to handle files with.")
 
+    @property
+    def home_types(self) -> list[str]:
+        """The types whose desktops have a home volume: image types (an endpoint type runs elsewhere)."""
+        return [t.name for t in self.types.values() if t.image is not None]
+
     async def spaces_of(self, db: AsyncSession, user: User, type_names: Sequence[str]) -> list[Space]:
         person = grants.person_of(user)
         taught = frozenset(g for g in person.groups if spaces.teaches(person, g))
@@ -96,7 +101,7 @@ class Files:
         return spaces.desktop_mounts(found, username)
 
     async def space(self, db: AsyncSession, user: User, key: str) -> Space:
-        found = spaces.find_space(await self.spaces_of(db, user, list(self.types)), key)
+        found = spaces.find_space(await self.spaces_of(db, user, self.home_types), key)
         if found is None:
             raise NoSuchSpace()
         return found

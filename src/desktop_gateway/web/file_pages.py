@@ -123,7 +123,7 @@ async def space_list(request: Request) -> Response:
     try:
         user = await user_row(gateway, who)
         async with gateway.sessions() as db:
-            found = await gateway.files.spaces_of(db, user, list(gateway.desktop_types))
+            found = await gateway.files.spaces_of(db, user, gateway.files.home_types)
         closed = await gateway.files.volumes.closed_groups()
     except RuntimeFailure as exc:
         return refusal(exc)
