@@ -11,8 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from conftest import StartGateway
+from desktop_gateway.db.models import AuditEvent
 from gatewaytest import RunningGateway, dev_sign_in
 from test_docker_desktops import containers_of, docker_image, instance
 from test_files_docker import HOME, class_5a, files_instance, in_desktop, running_desktop
@@ -88,7 +90,8 @@ async def test_a_hand_in_is_uploaded_read_by_the_teacher_closed_and_reopened(
     start_gateway: StartGateway, docker_image: str, files_instance: str, browser_of: Browsers
 ) -> None:
     """A student's hand-in (uploaded, and written in the desktop) is listed and downloaded by the teacher;
-    after closing, the upload is refused with a sentence and the desktop cannot write; reopening works."""
+    after closing, the upload is refused with a sentence and the desktop cannot write; reopening works;
+    every change and download is audited."""
     gw = await class_5a(start_gateway, docker_image, files_instance)
     teacher, anna = await browser_of(gw, "frau-k", "teacher"), await browser_of(gw, "anna", "student")
     container = await running_desktop(gw, files_instance, "anna")
@@ -122,6 +125,21 @@ async def test_a_hand_in_is_uploaded_read_by_the_teacher_closed_and_reopened(
     assert (await put(anna, "handin/5a/anna", "spaet.txt", b"doch")).status_code == 201
     again = await asyncio.to_thread(in_desktop, container, f"touch {HOME}/Hand-in/5a/noch.txt")
     assert again.returncode == 0, again.stderr
+    await gw.gateway.audit.flush()
+    async with gw.gateway.sessions() as db:
+        events = (
+            await db.execute(
+                select(AuditEvent.event, AuditEvent.username, AuditEvent.detail).order_by(AuditEvent.id)
+            )
+        ).all()
+    assert [tuple(e) for e in events if e.event.startswith(("files-", "handin-"))] == [
+        ("files-upload", "anna", "handin/5a/anna/aufsatz.txt (13 bytes)"),
+        ("files-download", "frau-k", "handin/5a/anna/aufsatz.txt"),
+        ("files-download", "frau-k", "handin/5a/anna/ (zip)"),
+        ("handin-close", "frau-k", "5a"),
+        ("handin-reopen", "frau-k", "5a"),
+        ("files-upload", "anna", "handin/5a/anna/spaet.txt (4 bytes)"),
+    ]
 
 
 async def test_hostile_names_and_planted_links_are_refused_over_http(
