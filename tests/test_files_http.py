@@ -57,7 +57,7 @@ async def test_a_teacher_shares_a_file_by_upload_that_a_students_desktop_reads_b
     start_gateway: StartGateway, docker_image: str, files_instance: str, browser_of: Browsers
 ) -> None:
     """The teacher's upload to Shared/5a is listed in a student's running desktop, which cannot write
-    there; the student's upload and delete are refused, the teacher's delete works; the page links from
+    there; the student's upload, new folder and delete are refused, the teacher's work; the page links from
     the dashboard and speaks German."""
     gw = await class_5a(start_gateway, docker_image, files_instance)
     teacher, anna = await browser_of(gw, "frau-k", "teacher"), await browser_of(gw, "anna", "student")
@@ -77,8 +77,23 @@ async def test_a_teacher_shares_a_file_by_upload_that_a_students_desktop_reads_b
     assert (await put(teacher, "shared/5a", "alt.txt", b"alt")).status_code == 201
     deleted = await teacher.post("/files/delete", params={"space": "shared/5a", "path": "alt.txt"})
     assert deleted.status_code == 200, deleted.text
-    gone = await asyncio.to_thread(in_desktop, container, f"ls {HOME}/Shared/5a")
-    assert gone.stdout.split() == ["Blatt", "1.txt"]
+    made = await teacher.post("/files/mkdir", params={"space": "shared/5a", "path": "Woche 2"})
+    assert made.status_code == 201, made.text
+    again = await teacher.post("/files/mkdir", params={"space": "shared/5a", "path": "Woche 2"})
+    assert (again.status_code, again.json()["error"]) == (
+        409,
+        "There is already a file or folder of this name.",
+    )
+    assert (await anna.post("/files/mkdir", params={"space": "shared/5a", "path": "x"})).status_code == 403
+    assert (await put(teacher, "shared/5a", "Woche 2/Blatt 3.txt", b"3")).status_code == 201
+    shown = await asyncio.to_thread(
+        in_desktop, container, f"ls -ln '{HOME}/Shared/5a' '{HOME}/Shared/5a/Woche 2'"
+    )
+    assert "Blatt 3.txt" in shown.stdout
+    assert [line.split()[2:4] for line in shown.stdout.splitlines() if line.endswith("Woche 2")] == [
+        ["1000", "1000"]
+    ]
+    assert await names(anna, "shared/5a") == ["Woche 2", "Blatt 1.txt"]
     dashboard = await anna.get("/", headers={"Accept": "text/html"})
     assert 'href="/files"' in dashboard.text
     page = await anna.get("/files", headers={"Accept": "text/html", **GERMAN})

@@ -141,6 +141,14 @@ class Files:
             self.image, space.volume, segments[:-1], segments[-1], chunks, size, self.quota
         )
 
+    async def mkdir(self, space: Space, path: str) -> None:
+        segments = self.segments(path)
+        if not segments:
+            raise BadPath("Name the folder to make.")
+        if not space.writable:
+            raise ReadOnly(space)
+        await self.volumes.mkdir(self.image, space.volume, segments[:-1], segments[-1])
+
     async def delete(self, space: Space, path: str) -> None:
         segments = self.segments(path)
         if not space.writable:

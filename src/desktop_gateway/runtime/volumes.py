@@ -42,8 +42,9 @@ DESKTOP_UID = 1000
 HELPER_LIFETIME = 3600  # seconds a helper lives at most (a download of a large folder must fit in it)
 
 # Exit codes of the helper's scripts, and what they mean to the person.
-NOT_FOUND, LINK, NOT_DIR, IS_DIR, TOP_FOLDER = 3, 4, 5, 6, 7
+NOT_FOUND, LINK, NOT_DIR, IS_DIR, TOP_FOLDER, EXISTS = 3, 4, 5, 6, 7, 8
 REFUSALS = {
+    EXISTS: "There is already a file or folder of this name.",
     TOP_FOLDER: "The space's own top folder cannot be deleted.",
     NOT_FOUND: "There is no such file or folder.",
     LINK: "The path leads through a symbolic link; links are not followed.",
@@ -66,6 +67,11 @@ _WRITABLE = (
 )
 # $1: the folder, $2: the uploaded file's hidden name, $3: its name (checked again: it may have changed).
 _RENAME = _CHECK + '[ -L "$1/$3" ] && exit 4; [ -d "$1/$3" ] && exit 6; exec mv -f -T -- "$1/$2" "$1/$3"'
+# $1: the folder, $2: the new folder's name in it.
+_MKDIR = _CHECK + (
+    '[ -d "$1" ] || exit 5; [ -L "$1/$2" ] && exit 4; [ -e "$1/$2" ] && exit 8; '
+    'mkdir -- "$1/$2" && exec chown 1000:1000 -- "$1/$2"'
+)
 _USAGE = 'exec du -sb "$1"'
 _NOT_WRITABLE = 'find "$v" -xdev ! -type l -exec chmod go-w {} +'
 _LOCK = 'for v in "$@"; do chown -R -h 0:0 "$v" && ' + _NOT_WRITABLE + " || exit 1; done"
@@ -318,6 +324,11 @@ class Volumes:
                 with contextlib.suppress(RuntimeFailure, DockerError):
                     await helper.run(["rm", "-f", "--", f"{path_in(folder)}/{hidden}"])
                 raise
+
+    async def mkdir(self, image: str, volume: str, folder: Sequence[str], name: str) -> None:
+        """A new folder ``folder/name``, owned by uid 1000."""
+        async with self.helper(image, [volume]) as helper:
+            await helper.script(_MKDIR, path_in(folder), name)
 
     async def delete(self, image: str, volume: str, segments: Sequence[str]) -> None:
         async with self.helper(image, [volume]) as helper:

@@ -40,6 +40,7 @@ REFUSALS = {
     vol.REFUSALS[vol.NOT_DIR]: ("files.not_folder", 409),
     vol.REFUSALS[vol.IS_DIR]: ("files.is_folder", 409),
     vol.REFUSALS[vol.TOP_FOLDER]: ("files.top_folder", 409),
+    vol.REFUSALS[vol.EXISTS]: ("files.exists", 409),
 }
 
 
@@ -247,6 +248,20 @@ async def upload(request: Request) -> Response:
     return JSONResponse({"stored": path, "size": size}, status_code=201, headers=PAGE_HEADERS)
 
 
+async def mkdir(request: Request) -> Response:
+    """A new folder ``path`` in a writable space."""
+    found = await target(request, write=True)
+    if isinstance(found, Response):
+        return found
+    gateway, who, space, path = found
+    try:
+        await gateway.files.mkdir(space, path)
+    except RuntimeFailure as exc:
+        return refusal(exc)
+    gateway.audit.record("files-mkdir", who.username, None, f"{space.key}/{path}")
+    return JSONResponse({"made": path}, status_code=201, headers=PAGE_HEADERS)
+
+
 async def delete(request: Request) -> Response:
     found = await target(request, write=True)
     if isinstance(found, Response):
@@ -288,6 +303,7 @@ routes = [
     Route("/files/download", download, methods=["GET"]),
     Route("/files/zip", download_zip, methods=["GET"]),
     Route("/files/upload", upload, methods=["PUT"]),
+    Route("/files/mkdir", mkdir, methods=["POST"]),
     Route("/files/delete", delete, methods=["POST"]),
     Route("/files/handin/{group}/{action:str}", handin, methods=["POST"]),
 ]
