@@ -19,7 +19,10 @@ from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
 from desktop_gateway.web import (
     admin,
+    admin_audit,
+    admin_grants,
     admin_pages,
+    admin_types,
     api,
     assets,
     home,
@@ -52,6 +55,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *admin.routes,
         *home.routes,
         *admin_pages.routes,
+        *admin_types.routes,
+        *admin_grants.routes,
+        *admin_audit.routes,
         *signin_pages.routes(settings),
         *pages.routes,
         *language.routes,
