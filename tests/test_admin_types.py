@@ -208,6 +208,8 @@ async def test_the_page_shows_each_type_and_whether_its_image_is_here(
     assert not_pullable.status_code == 422
     assert "it has no image to pull" in not_pullable.text
     assert (await ada.post("/admin/types/nope/pull", headers=own(gw))).status_code == 404
+    none = await ada.get("/admin/types/tiny/pull")
+    assert none.text == "event: none\ndata: {}\n\n"  # no pull yet: the script stops listening
 
 
 async def test_a_pull_is_followed_live_and_a_second_click_joins_it(

@@ -69,7 +69,7 @@ class PullStatus:
     state: PullState
     progress: PullProgress
     failure: PullFailure | None = None
-    detail: str | None = None  # the runtime's own (English) words, for the log and the page's detail
+    detail: str | None = None  # the runtime's own (English) words, for the log
 
 
 class Pull:
@@ -95,6 +95,9 @@ class Pull:
 
 
 class ImagePulls:
+    """This process's pulls, by image: the running one, else the last (kept for the page to show how it
+    ended; one per configured image at most)."""
+
     def __init__(self) -> None:
         self._running: dict[str, Pull] = {}
         self._last: dict[str, Pull] = {}

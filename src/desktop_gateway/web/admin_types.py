@@ -139,7 +139,8 @@ async def pull(request: Request) -> Response:
 
 async def pull_events(request: Request) -> Response:
     """The latest pull of the type's image as server-sent events (``event: pull``), one per change,
-    until it ends; an empty stream when this process has made none."""
+    until it ends; one ``event: none`` when this process has made none (another worker may have: the
+    script then stops listening rather than reconnect again and again)."""
     who = signed_in_admin(request, change=False)
     if isinstance(who, Response):
         return who
@@ -153,6 +154,7 @@ async def pull_events(request: Request) -> Response:
 
     async def stream() -> AsyncIterator[str]:
         if latest is None:
+            yield "event: none\ndata: {}\n\n"
             return
         async for status in latest.watch():
             yield f"event: pull\ndata: {json.dumps(pull_json(status, language))}\n\n"
