@@ -21,7 +21,7 @@ from playwright.async_api import ViewportSize
 from browser import Browser, Tab
 from desktop_gateway import identity, people
 from desktop_gateway.db.models import Role
-from gatewaytest import RunningGateway
+from gatewaytest import RunningGateway, static_type
 
 AXE = Path(__file__).with_name("a11y") / "node_modules" / "axe-core" / "axe.min.js"
 AXE_INSTALL = "npm ci --prefix tests/a11y"
@@ -66,13 +66,21 @@ def card_in(type_name: str, state: str) -> str:
 
 
 # Every page a person can meet, in the states the scans and checks look at. The scene (see
-# :func:`set_up_scene`) has STUDENT's `lab` desktop running and their `media` one stopped, and
-# OTHER_STUDENT's `lab` desktop running.
+# :func:`scene_types` and :func:`set_up_scene`) has STUDENT's `lab` desktop running, their `media` one
+# stopped and their `linux` one starting (it never gets ready), and OTHER_STUDENT's `lab` desktop
+# running. To add the viewer: PageState("viewer", "/desktop/{own_desktop}", STUDENT, ready=...).
 PAGES = [
     PageState("landing", "/"),
     PageState("dev-login", "/dev-login"),
     PageState("launch", "{launch_path}"),
-    PageState("dashboard", "/", STUDENT, ready=card_in("lab", "running")),
+    PageState(
+        "dashboard",
+        "/",
+        STUDENT,
+        ready=" && ".join(
+            [card_in("lab", "running"), card_in("media", "stopped"), card_in("linux", "starting")]
+        ),
+    ),
     PageState(
         "dashboard-confirm-stop",
         "/",
@@ -117,15 +125,40 @@ async def sign_in(gw: RunningGateway, person: Person) -> str:
     return cookie
 
 
+def scene_types(kasm_port: int, image: str | None) -> str:
+    """The scene's desktop types: ``lab`` and ``media``, endpoint types (at a KasmVNC-like front on
+    ``kasm_port``: they run as soon as they are asked for), and with the stand-in desktop ``image``,
+    ``linux``, a container that never gets ready (STANDIN_FAIL_READINESS), so that it stays starting."""
+    types = (
+        static_type("lab", kasm_port, title="Lab PC").rstrip()
+        + '\ndescription = "The computer at the window in room 1.04."\nicon = "science"\n\n'
+        + static_type("media", kasm_port, title="Media room").rstrip()
+        + '\nicon = "graphics"\n\n'
+    )
+    if image is not None:
+        types += (
+            f'[desktop_types.linux]\ntitle = "Linux desktop"\nimage = "{image}"\nshm_size = "64m"\n'
+            'icon = "terminal"\nenv = { STANDIN_FAIL_READINESS = "1" }\n\n'
+        )
+    return types
+
+
+# Seconds a gateway of the scene gives a start: the `linux` desktop must stay starting while it is looked at.
+SCENE_START_TIMEOUT = "600"
+
+
 async def set_up_scene(gw: RunningGateway) -> Scene:
-    """STUDENT's ``lab`` desktop running (with a launch link), OTHER_STUDENT's too, and everyone signed in.
-    ``lab`` must be a type that runs as soon as it is asked for (an endpoint type)."""
+    """STUDENT's ``lab`` desktop running (with a launch link), OTHER_STUDENT's too, STUDENT's ``linux``
+    one starting (when the gateway has that type), and everyone signed in."""
     scene = Scene(gw)
     for person in (STUDENT, OTHER_STUDENT, ADMIN):
         scene.cookies[person.account] = await sign_in(gw, person)
     desktop = await gw.start_desktop(STUDENT.account, "lab")
     others = await gw.start_desktop(OTHER_STUDENT.account, "lab")
+    if "linux" in gw.gateway.desktop_types:
+        assert (await gw.start_desktop(STUDENT.account, "linux"))["state"] == "starting"
     scene.values["launch_path"] = urlsplit(desktop["launch_url"]).path
+    scene.values["own_desktop"] = desktop["name"]
     scene.values["others_desktop"] = others["name"]
     return scene
 

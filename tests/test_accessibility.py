@@ -8,32 +8,43 @@ import pytest
 import kasm_front
 from browser import Browser, chromium
 from conftest import StartGateway
-from gatewaytest import missing_real_component, static_type
-from pagetour import LANGUAGES, PAGES, axe_missing, axe_violations, open_tab, set_up_scene, show
+from gatewaytest import missing_real_component
+from pagetour import (
+    LANGUAGES,
+    PAGES,
+    SCENE_START_TIMEOUT,
+    axe_missing,
+    axe_violations,
+    open_tab,
+    scene_types,
+    set_up_scene,
+    show,
+)
+from test_docker_desktops import docker_image, instance
 
-__all__ = ["chromium"]  # a fixture, imported for pytest
-
-
-def types_with_icons(port: int) -> str:
-    """Two endpoint types (they run as soon as they are asked for), with icons and a description."""
-    return (
-        static_type("lab", port, title="Lab PC").rstrip()
-        + '\ndescription = "The computer at the window in room 1.04."\nicon = "science"\n\n'
-        + static_type("media", port, title="Media room").rstrip()
-        + '\nicon = "graphics"\n\n'
-    )
+__all__ = ["chromium", "docker_image", "instance"]  # fixtures, imported for pytest
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_no_page_has_serious_accessibility_problems(
-    start_gateway: StartGateway, kasm: kasm_front.KasmFront, chromium: Browser, language: str
+    start_gateway: StartGateway,
+    kasm: kasm_front.KasmFront,
+    docker_image: str,
+    instance: str,
+    chromium: Browser,
+    language: str,
 ) -> None:
     """axe-core finds no serious or critical violation on any page or state of the tour in ``language``;
     the message lists each one's rule, impact, help and elements, by page."""
     missing = axe_missing()
     if missing is not None:
         missing_real_component(missing)
-    gw = await start_gateway(types_with_icons(kasm.port), dev_login="1")
+    gw = await start_gateway(
+        scene_types(kasm.port, docker_image),
+        instance=instance,
+        start_timeout=SCENE_START_TIMEOUT,
+        dev_login="1",
+    )
     scene = await set_up_scene(gw)
     found: list[str] = []
     for state in PAGES:

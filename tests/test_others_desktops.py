@@ -15,8 +15,7 @@ import kasm_front
 from conftest import StartGateway
 from desktop_gateway.identity import session_cookie_name
 from desktop_gateway.web.i18n import CATALOGUE
-from pagetour import OTHER_STUDENT, STUDENT, set_up_scene
-from test_accessibility import types_with_icons
+from pagetour import OTHER_STUDENT, STUDENT, scene_types, set_up_scene
 
 NONCE = re.compile(r'nonce="[^"]+"')
 
@@ -33,7 +32,7 @@ async def test_a_student_cannot_open_another_persons_desktop_or_the_admin_page(
     there is no such desktop for them (byte for byte what a desktop that does not exist answers, but for
     its name); its status answers the viewer script's 404; /admin answers a 403 page. No traceback, and
     not the other person's name, display name or desktop address."""
-    gw = await start_gateway(types_with_icons(kasm.port))
+    gw = await start_gateway(scene_types(kasm.port, None))
     scene = await set_up_scene(gw)
     others = scene.values["others_desktop"]
     assert others == f"{OTHER_STUDENT.account}-lab"

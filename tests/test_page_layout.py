@@ -12,10 +12,20 @@ from playwright.async_api import ViewportSize
 import kasm_front
 from browser import Browser, chromium
 from conftest import StartGateway
-from pagetour import TABLET, WIDE, open_tab, page, set_up_scene, show
-from test_accessibility import types_with_icons
+from pagetour import (
+    SCENE_START_TIMEOUT,
+    TABLET,
+    WIDE,
+    artifacts_dir,
+    open_tab,
+    page,
+    scene_types,
+    set_up_scene,
+    show,
+)
+from test_docker_desktops import docker_image, instance
 
-__all__ = ["chromium"]  # a fixture, imported for pytest
+__all__ = ["chromium", "docker_image", "instance"]  # fixtures, imported for pytest
 
 FINGER = 40  # pixels: the least height of a control on a touch screen
 
@@ -42,18 +52,27 @@ CONTROLS = """((least) => {
   return problems;
 })"""
 
+# Before the picture: every scrolled box (the admin page's tables) and the page back at their start.
+SCROLL_BACK = "document.querySelectorAll('*').forEach((e) => e.scrollTo(0, 0)) || scrollTo(0, 0)"
+
 
 @pytest.mark.parametrize(("viewport", "touch"), [(WIDE, False), (TABLET, True)], ids=["laptop", "tablet"])
 async def test_dashboard_and_admin_page_fit_and_every_control_can_be_reached(
     start_gateway: StartGateway,
     kasm: kasm_front.KasmFront,
+    docker_image: str,
+    instance: str,
     chromium: Browser,
     viewport: ViewportSize,
     touch: bool,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """At 1366x768 and on a touch tablet (768x1024) the dashboard and the admin page do not scroll
-    sideways and every visible control can be scrolled to and tapped; on the tablet each is >= 40px tall."""
-    gw = await start_gateway(types_with_icons(kasm.port))
+    sideways and every visible control can be scrolled to and tapped; on the tablet each is >= 40px tall.
+    A picture of each page is kept in the artifacts directory (``layout-<page>-<language>-<width>.png``)."""
+    gw = await start_gateway(
+        scene_types(kasm.port, docker_image), instance=instance, start_timeout=SCENE_START_TIMEOUT
+    )
     scene = await set_up_scene(gw)
     options: dict[str, Any] = {"has_touch": True, "is_mobile": True} if touch else {}
     found: list[str] = []
@@ -64,7 +83,8 @@ async def test_dashboard_and_admin_page_fit_and_every_control_can_be_reached(
             await show(tab, scene, state)
             problems = await tab.evaluate(f"{CONTROLS}({FINGER if touch else 0})")
             found += [f"{name} ({language}): {problem}" for problem in problems]
-            if problems:
-                await tab.screenshot(f"{name}-{language}-{viewport['width']}")
+            await tab.evaluate(SCROLL_BACK)
+            shot = artifacts_dir(tmp_path_factory) / f"layout-{name}-{language}-{viewport['width']}.png"
+            await tab.page.screenshot(path=shot, full_page=True)
             await tab.page.context.close()
     assert found == [], "\n".join(found)
