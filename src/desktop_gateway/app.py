@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.gateway = gateway  # for tests and embedding; requests use the lifespan state
             yield {"gateway": gateway}
 
-    websockify = Websockify()
+    websockify, watch = Websockify(), Websockify(watch=True)
     routes = [
         *api.routes,
         *admin.routes,
@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/desktop/{name}/websockify", websockify),
+        Route("/watch/{name}/websockify", watch, methods=["GET"]),
+        WebSocketRoute("/watch/{name}/websockify", watch),
         Route("/desktop/{name}/{path:path}", assets.desktop_asset, methods=["GET", "HEAD"]),
     ]
     return Starlette(
