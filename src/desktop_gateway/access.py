@@ -161,3 +161,14 @@ def may_watch(watcher: Person, owner: Person, group: str | None = None) -> Decis
     if not shared:
         return Decision(False, "Teachers may watch only the desktops of students in their groups.")
     return Decision(True, f"You teach the group {sorted(shared)[0]}.")
+
+
+def may_teach(person: Person, group: str) -> Decision:
+    """Whether ``person`` may see the class overview of ``group``: its teachers, and admins."""
+    if person.blocked:
+        return Decision(False, "Your account is blocked. Ask the school's IT.")
+    if person.role is Role.ADMIN:
+        return Decision(True, "Admins may see every class.")
+    if person.role is Role.TEACHER and group.lower() in person.groups:
+        return Decision(True, f"You teach the group {group.lower()}.")
+    return Decision(False, "Only the group's teachers may see its class overview.")
