@@ -111,10 +111,12 @@ async def classroom(
             await browser.aclose()
 
 
-async def running_desktop(gw: RunningGateway, browser: httpx.AsyncClient) -> tuple[str, str]:
-    """Start the browser's person's stand-in desktop from the dashboard; its name and container id."""
+async def running_desktop(
+    gw: RunningGateway, browser: httpx.AsyncClient, name: str = "anna-standin"
+) -> tuple[str, str]:
+    """Start the browser's person's stand-in desktop (called ``name``) from the dashboard; its name and
+    container id once it runs."""
     assert (await browser.post("/start/standin", headers={"Origin": gw.base_url})).status_code == 303
-    name = "anna-standin"
     await until_status(browser, name, "state", "running")
     async with gw.gateway.sessions() as db:
         desktop = (await db.execute(select(Desktop).where(Desktop.name == name))).scalar_one()
