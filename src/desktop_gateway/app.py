@@ -25,6 +25,7 @@ from desktop_gateway.web import (
     admin_types,
     api,
     assets,
+    class_pages,
     home,
     i18n,
     language,
@@ -50,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.gateway = gateway  # for tests and embedding; requests use the lifespan state
             yield {"gateway": gateway}
 
-    websockify = Websockify()
+    websockify, watch = Websockify(), Websockify(watch=True)
     routes = [
         *api.routes,
         *admin.routes,
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *admin_types.routes,
         *admin_grants.routes,
         *admin_audit.routes,
+        *class_pages.routes,
         *signin_pages.routes(settings),
         *pages.routes,
         *language.routes,
@@ -68,6 +70,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/desktop/{name}/websockify", websockify),
+        Route("/watch/{name}/websockify", watch, methods=["GET"]),
+        WebSocketRoute("/watch/{name}/websockify", watch),
         Route("/desktop/{name}/{path:path}", assets.desktop_asset, methods=["GET", "HEAD"]),
     ]
     return Starlette(

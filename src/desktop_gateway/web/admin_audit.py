@@ -34,6 +34,8 @@ KINDS = (
     "grant",
     "ungrant",
     "pull",
+    "watch",
+    "watch-end",
 )
 MAX_PAGE = 1_000_000
 FIELDS = ("user", "desktop", "kind", "from", "to")
