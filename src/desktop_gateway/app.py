@@ -28,6 +28,7 @@ from desktop_gateway.web import (
     pages,
     scrape,
     signin_pages,
+    static,
 )
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *pages.routes,
         *language.routes,
         *scrape.routes,
+        *static.routes,
         Route("/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),
