@@ -14,7 +14,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -59,6 +59,9 @@ TERMINAL_INK = """(() => {
 async def the_container(instance: str) -> str:
     [container] = await containers_of(instance)
     return str(container["Id"])
+
+
+PANEL_TEXT = "document.getElementById('clipboard-text').value"
 
 
 def reusable_listener(port: int) -> socket.socket:
@@ -114,6 +117,61 @@ async def test_typing_in_the_viewer_reaches_the_desktop_and_is_drawn(
         within=30,
     )
     await page.screenshot("typed")
+
+
+async def click_desktop(
+    page: Tab, x: float, y: float, clicks: int = 1, button: Literal["left", "middle"] = "left"
+) -> None:
+    """Click the desktop at its own pixel (``x``, ``y``), wherever the viewer scaled it to."""
+    box = await page.page.locator("#screen canvas").bounding_box()
+    assert box is not None
+    scale = box["width"] / 1280
+    await page.page.mouse.click(
+        box["x"] + x * scale,
+        box["y"] + y * scale,
+        click_count=clicks,
+        button=button,
+    )
+
+
+async def test_the_clipboard_panel_carries_text_both_ways(
+    start_gateway: StartGateway, docker_image: str, instance: str, chromium: Browser
+) -> None:
+    """Text sent from the clipboard panel is pasted in the desktop's terminal (a file gets it), and a word
+    selected on the desktop appears in the panel."""
+    gw = await start_gateway(image_type("standin", docker_image), instance=instance)
+    _, page = await open_running_desktop(gw, chromium)
+    container = await the_container(instance)
+    await click_desktop(page, 400, 300)
+    await page.page.keyboard.type("cat > /tmp/viewer-pasted", delay=20)
+    await page.page.keyboard.press("Enter")
+
+    sent = f"pasted{secrets.token_hex(4)}"
+    await page.page.get_by_role("button", name="Clipboard").click()
+    await page.page.get_by_role("textbox", name="Clipboard").fill(sent + "\n")
+    await page.page.get_by_role("button", name="Send to the desktop").click()
+    # A middle click makes xterm paste the selection, which Xvnc takes over once the viewer announced
+    # the text (again until it has: each paste is a line for cat, written at once).
+    async with asyncio.timeout(30):
+        while True:
+            if sent in (await file_in_container(container, "/tmp/viewer-pasted") or ""):
+                break
+            await click_desktop(page, 400, 300, button="middle")
+            await asyncio.sleep(0.5)
+    await page.page.keyboard.press("Control+d")
+
+    word = f"copied{secrets.token_hex(4)}"
+    await page.page.keyboard.type(f"clear; echo {word}", delay=20)
+    await page.page.keyboard.press("Enter")
+    # After ``clear`` the word is the terminal's first line: a double click there selects it on the
+    # desktop (again until the line is drawn), and Xvnc sends the selection to the viewer.
+    async with asyncio.timeout(30):
+        while True:
+            if await page.evaluate(PANEL_TEXT) == word:
+                break
+            await click_desktop(page, 80, 71, clicks=2)
+            await asyncio.sleep(0.5)
+    assert await page.evaluate(PANEL_TEXT) == word
 
 
 async def test_stopping_from_the_dashboard_in_another_tab_tells_the_viewer(
