@@ -190,7 +190,7 @@ async def test_stopping_the_desktop_tells_the_student(
 
 async def assert_closed_for_good(page: Tab, sentence: str, desktop_stopped: bool = True) -> None:
     """The viewer says ``sentence`` (and, when ``desktop_stopped``, that the desktop is stopped), offers
-    Reconnect, and counts down to no reconnect of its own."""
+    Reconnect (with the keyboard's focus), and counts down to no reconnect of its own."""
     await page.wait_for(f"{CONNECTION} === 'closed'", "the viewer does not show the closed connection", 30)
     await page.wait_for(
         text_containing(VIEWER_STATUS, sentence), f"the viewer does not say {sentence!r}", within=30
@@ -205,6 +205,8 @@ async def assert_closed_for_good(page: Tab, sentence: str, desktop_stopped: bool
         )
     shot = await page.screenshot(f"closed-{page.number}")
     assert await page.evaluate(RECONNECT_OFFERED), f"no Reconnect button; screenshot: {shot}"
+    # The keyboard was on the desktop: it is on Reconnect now.
+    assert await page.evaluate("document.activeElement?.id") == "reconnect", shot
     assert await page.evaluate(COUNTDOWN) == "", f"the viewer counts down to a reconnect; screenshot: {shot}"
     assert await page.evaluate(CONNECTION) == "closed", shot
 

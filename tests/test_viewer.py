@@ -15,18 +15,20 @@ import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sqlalchemy import delete
 
+import kasm_front
 from browser import Browser, Tab, chromium
 from conftest import StartGateway
 from desktop_gateway.closepolicy import BLOCKED, DESKTOP_STOPPED
 from desktop_gateway.db.engine import create_engine
 from desktop_gateway.db.models import ApiKey
 from desktop_gateway.web import static
-from gatewaytest import dev_sign_in
+from gatewaytest import dev_sign_in, static_type
 from test_browser import (
     CONNECTION,
     COUNTDOWN,
@@ -302,6 +304,51 @@ async def test_the_viewer_reconnects_by_itself_after_a_gateway_restart(
     )
     assert {c["code"] for c in closes[1:]} == {1006}, closes
     assert await viewer.evaluate(COUNTDOWN) == ""
+
+
+async def test_the_toolbar_is_labelled_and_keyboard_operable(
+    start_gateway: StartGateway, kasm: kasm_front.KasmFront, chromium: Browser
+) -> None:
+    """The viewer's controls are a link and labelled buttons reached with Tab in order, each with a visible
+    focus ring (Ctrl-Alt-Del skipped while not connected); Enter on Clipboard opens its panel. (The
+    desktop here is an echoing stand-in: the viewer never gets past connecting.)"""
+    gw = await start_gateway(static_type("lab", kasm.port), dev_login="1")
+    port = urlsplit(gw.base_url).port
+    assert port is not None
+    await chromium.expose(port)
+    tab = await chromium.new_tab()
+    await tab.page.goto(gw.base_url + "/dev-login")
+    await tab.page.get_by_label("Account name").fill("anna")
+    await tab.page.get_by_role("button", name="Sign in").click()
+    await tab.page.get_by_role("button", name="Start").click()
+    await tab.page.get_by_role("link", name="Open").click()
+    await tab.wait_for("location.pathname === '/desktop/anna-lab'", "the viewer did not open", within=30)
+    await tab.wait_for(CONNECTION, "the viewer's script (and noVNC's modules) did not load", within=30)
+    assert await tab.page.get_by_role("button", name="Ctrl-Alt-Del").is_disabled()
+    await tab.page.get_by_role("link", name="Back to the dashboard").focus()
+    reached = []
+    for press in range(5):
+        if press:
+            await tab.page.keyboard.press("Tab")
+        reached.append(
+            await tab.evaluate(
+                "(() => { const e = document.activeElement, s = getComputedStyle(e);"
+                " return [e.textContent.trim(), s.outlineStyle + ' ' + s.outlineWidth]; })()"
+            )
+        )
+    assert [name for name, _ in reached] == [
+        "Back to the dashboard",
+        "Full screen",
+        "Clipboard",
+        "Deutsch",
+        "Sign out",
+    ], reached
+    assert {ring for _, ring in reached} == {"solid 3px"}, reached
+    await tab.page.get_by_role("button", name="Clipboard").focus()
+    await tab.page.keyboard.press("Enter")
+    assert await tab.page.get_by_role("textbox", name="Clipboard").is_visible()
+    assert await tab.evaluate("document.activeElement.id") == "clipboard-text"
+    assert await tab.page.get_by_role("button", name="Clipboard").get_attribute("aria-expanded") == "true"
 
 
 async def test_the_bundled_novnc_is_served_with_its_type_and_a_long_cache_life(
