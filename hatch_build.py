@@ -71,7 +71,7 @@ def bundle_novnc(root: Path) -> Path:
     return target
 
 
-class NoVNCBundle(BuildHookInterface):  # type: ignore[misc]  # hatchling is present only while building
+class NoVNCBundle(BuildHookInterface[Any]):
     """Runs before the wheel (and the editable wheel) is built."""
 
     PLUGIN_NAME = "custom"
