@@ -72,7 +72,7 @@ def test_german_is_translated() -> None:
     """A German sentence equal to its English one is a word German shares, never one left untranslated."""
     same = {k for k, v in values("en").items() if values("de")[k] == v}
     # "Desktop", "Desktops", "Desktop {name}"
-    assert same == {"page.title", "home.title", "viewer.frame_title"}
+    assert same == {"page.title", "home.title", "viewer.screen_title"}
 
 
 def test_german_speaks_to_the_reader_as_du() -> None:
