@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from urllib.parse import quote
 
 from sqlalchemy import select
 from starlette.requests import Request
@@ -22,7 +23,7 @@ from desktop_gateway.db.models import Desktop, DesktopState, Role, User
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.grants import person_of
 from desktop_gateway.identity import Identity
-from desktop_gateway.web import i18n
+from desktop_gateway.web import i18n, static
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render, viewer_sentences
 
 log = logging.getLogger("desktop_gateway.pages")
@@ -87,8 +88,11 @@ async def class_page(request: Request) -> Response:
     if isinstance(who, Response):
         return who
     group = request.path_params["group"]
+    novnc = static.novnc_base()
+    if novnc is None:
+        return message(503, "viewer.missing_heading", "viewer.missing")
     found = await members(request.state.gateway, group)
-    return render("class.html", group=group, members=[dataclasses.asdict(m) for m in found])
+    return render("class.html", group=group, members=[dataclasses.asdict(m) for m in found], novnc_base=novnc)
 
 
 async def class_desktops(request: Request) -> Response:
@@ -105,9 +109,18 @@ async def watch_page(request: Request) -> Response:
     who = _teacher(request)
     if isinstance(who, Response):
         return who
+    novnc = static.novnc_base()
+    if novnc is None:
+        return message(503, "viewer.missing_heading", "viewer.missing")
     group, name = request.path_params["group"], request.path_params["name"]
-    sentences = viewer_sentences(request.state.gateway.settings, i18n.current.get())
-    return render("watch.html", group=group, desktop_name=name, sentences=sentences)
+    return render(
+        "watch.html",
+        group=group,
+        desktop_name=name,
+        novnc_base=novnc,
+        socket_path=f"/watch/{quote(name, safe='')}/websockify?group={quote(group, safe='')}",
+        sentences=viewer_sentences(request.state.gateway.settings, i18n.current.get()),
+    )
 
 
 routes = [
