@@ -27,7 +27,7 @@ from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.db.models import Desktop, DesktopState
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
-from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.settings import Settings
 
 STEP_TIMEOUT = 5.0  # seconds for each network step: a healthy one takes milliseconds
@@ -149,7 +149,7 @@ async def database(settings: Settings) -> tuple[list[Check], list[Desktop], int]
 
 async def docker(settings: Settings, types: dict[str, DesktopType]) -> list[Check]:
     images = sorted({t.image for t in types.values() if t.image is not None})
-    runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+    runtime = open_runtime(settings)
     try:
         try:
             async with asyncio.timeout(STEP_TIMEOUT * 2):

@@ -27,7 +27,7 @@ from desktop_gateway.launcher import Launcher
 from desktop_gateway.notices import Listener
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import ContainerRuntime
-from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import Provider
@@ -127,7 +127,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await db.commit()
         database_file = sqlite_file(settings.database_url.reveal())
         hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions, sqlite_file=database_file)
-        runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+        runtime = open_runtime(settings)
         gateway = Gateway(
             settings=settings,
             engine=engine,

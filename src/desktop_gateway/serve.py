@@ -209,7 +209,12 @@ def _announce(settings: Settings, host: str, port: int, workers: int) -> None:
         else "",
     )
     log.info("secret key: %s", settings.secret_key_source)
-    log.info("docker: %s; desktops are dialled at %s", settings.docker_url, settings.container_host)
+    log.info(
+        "%s: %s; desktops are dialled at %s",
+        "docker swarm (manager)" if settings.runtime == "swarm" else "docker",
+        settings.docker_url,
+        settings.container_host if settings.runtime == "docker" else "their node's address",
+    )
     if types:
         log.info("desktop types from %s: %s", settings.desktop_types_file, ", ".join(sorted(types)))
     else:
