@@ -555,3 +555,36 @@ async def test_the_first_sign_in_keeps_a_portal_users_home(
     await wait_for_state(gw, desktop["id"], ("running",))
     [container] = await engine.containers_of(instance)
     assert (await engine.cli("exec", container["Id"], "cat", "/home/kasm-user/kept.txt")).strip() == "kept"
+
+
+async def test_swarm_places_a_type_by_its_constraints_and_reservations(
+    start_gateway: StartGateway, docker_image: str, instance: str, swarm: Engine
+) -> None:
+    """Under Swarm a type's placement constraints and reservations reach its service; a type that no node
+    satisfies fails after the start timeout with Swarm's reason, and leaves no service behind."""
+    types = (
+        f'[desktop_types.fits]\ntitle = "Fits"\nimage = "{docker_image}"\nshm_size = "64m"\n'
+        'constraints = ["node.role == manager"]\nreservations = { memory = "64m", cpus = 0.25 }\n\n'
+        f'[desktop_types.nowhere]\ntitle = "Nowhere"\nimage = "{docker_image}"\n'
+        'constraints = ["node.labels.desktop-gateway-test == nowhere"]\n'
+    )
+    try:
+        gw = await start_gateway(types, instance=instance, **swarm.gateway_env, start_timeout="10")
+        fits = (await request(gw, "anna", "fits")).json()
+        nowhere = (await request(gw, "anna", "nowhere")).json()
+        await wait_for_state(gw, fits["id"], ("running",))
+        [service] = [
+            s
+            for s in await swarm.desktops_of(instance)
+            if swarm.labels(s)["desktop-gateway.desktop-type"] == "fits"
+        ]
+        template = service["Spec"]["TaskTemplate"]
+        assert template["Placement"]["Constraints"] == ["node.role == manager"]
+        assert template["Resources"]["Reservations"] == {"MemoryBytes": 64 * 1024**2, "NanoCPUs": 250_000_000}
+        assert template["RestartPolicy"]["Condition"] == "none"
+        failed = await wait_for_state(gw, nowhere["id"], ("failed",))
+        assert "Swarm did not run the desktop within 10 seconds" in failed["failure_reason"]
+        assert "no suitable node" in failed["failure_reason"]
+        assert [s["ID"] for s in await swarm.desktops_of(instance)] == [service["ID"]]
+    finally:
+        await swarm.remove_instance(instance)

@@ -123,8 +123,14 @@ class SwarmRuntime(DockerRuntime):
             "Placement": {"Constraints": list(spec.constraints)},
         }
 
-    async def _tasks(self, service_id: str) -> list[Mapping[str, Any]]:
-        return list(await self._docker.tasks.list(filters={"service": [service_id]}))
+    async def _tasks(self, service_id: str) -> list[Mapping[str, Any]] | None:
+        """The service's tasks; ``None`` when the service is gone."""
+        try:
+            return list(await self._docker.tasks.list(filters={"service": [service_id]}))
+        except DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise failure(exc, "list the service's tasks") from exc
 
     async def start(self, spec: ContainerSpec) -> str:
         """Create the service and wait until its task runs; remove it again when that fails."""
@@ -162,7 +168,10 @@ class SwarmRuntime(DockerRuntime):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.start_timeout
         while True:
-            task = _newest(await self._tasks(service_id))
+            tasks = await self._tasks(service_id)
+            if tasks is None:
+                raise RuntimeFailure("the desktop's service was removed while it started")
+            task = _newest(tasks)
             state = _state(task)
             if state == ContainerState.RUNNING:
                 return
@@ -180,7 +189,7 @@ class SwarmRuntime(DockerRuntime):
     async def locate(self, container_id: str) -> str:
         """The manager's own tasks at ``host``; another node's at its address in the swarm."""
         with metrics.docker_call("locate"), answering():
-            task = _newest(await self._tasks(container_id))
+            task = _newest(await self._tasks(container_id) or [])
             node_id = str(task.get("NodeID", "")) if task is not None else ""
             if not node_id:
                 raise RuntimeFailure("Swarm has not placed the desktop on a node")
@@ -213,14 +222,8 @@ class SwarmRuntime(DockerRuntime):
             return await self._inspect(container_id)
 
     async def _inspect(self, service_id: str) -> ContainerState:
-        try:
-            await self._docker.services.inspect(service_id)
-            tasks = await self._tasks(service_id)
-        except DockerError as exc:
-            if exc.status == 404:
-                return ContainerState.GONE
-            raise failure(exc, "inspect the service") from exc
-        return _state(_newest(tasks))
+        tasks = await self._tasks(service_id)  # the engine answers 404 for a service that is gone
+        return ContainerState.GONE if tasks is None else _state(_newest(tasks))
 
     async def stops_within(self, container_id: str, seconds: float) -> bool:
         loop = asyncio.get_running_loop()
