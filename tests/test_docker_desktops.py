@@ -588,3 +588,24 @@ async def test_swarm_places_a_type_by_its_constraints_and_reservations(
         assert [s["ID"] for s in await swarm.desktops_of(instance)] == [service["ID"]]
     finally:
         await swarm.remove_instance(instance)
+
+
+async def test_swarm_runtime_on_an_engine_that_is_no_manager_refuses_to_serve(
+    docker_image: str, tmp_path: Path, free_port: int
+) -> None:
+    """``RUNTIME=swarm`` on an engine that is no swarm manager: `serve` exits with code 2 and Docker's
+    sentence (instead of a traceback, or a gateway whose every start fails)."""
+    if (await docker_cli("info", "--format", "{{.Swarm.ControlAvailable}}")).strip() == "true":
+        pytest.skip("the test's Docker engine is a swarm manager")
+    types = tmp_path / "types.toml"
+    types.write_text(image_type("standin", docker_image))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DESKTOP_GATEWAY_")}
+    env |= {
+        "DESKTOP_GATEWAY_SECRET_KEY": "k" * 40,
+        "DESKTOP_GATEWAY_DESKTOP_TYPES": str(types),
+        "DESKTOP_GATEWAY_RUNTIME": "swarm",
+    }
+    code, _, err = await run_cli(tmp_path, env, "serve", "--port", str(free_port))
+    assert code == 2
+    assert "refuses: Docker could not list the services" in err
+    assert "swarm manager" in err

@@ -26,7 +26,7 @@ from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
 from desktop_gateway.notices import Listener
 from desktop_gateway.relayhub import RelayHub
-from desktop_gateway.runtime import ContainerRuntime
+from desktop_gateway.runtime import ContainerRuntime, RuntimeFailure
 from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
@@ -153,9 +153,12 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         wake = asyncio.Event()
         try:
             if maintain and gateway.has_image_types and await gateway.docker_reachable():
-                async with peers.reconcile_turn(sessions, settings.instance) as ours:
-                    if ours:
-                        await gateway.launcher.reconcile()
+                try:
+                    async with peers.reconcile_turn(sessions, settings.instance) as ours:
+                        if ours:
+                            await gateway.launcher.reconcile()
+                except RuntimeFailure as exc:  # the maintenance tries again and says so
+                    log.warning("could not reconcile with the desktops' engine: %s", exc)
             if maintain:
                 gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
                 await take_part(gateway, wake)
