@@ -25,6 +25,7 @@ from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
 from desktop_gateway.notices import Listener
+from desktop_gateway.pulls import ImagePulls
 from desktop_gateway.relayhub import RelayHub
 from desktop_gateway.runtime import ContainerRuntime, RuntimeFailure
 from desktop_gateway.runtime.choose import open_runtime
@@ -67,6 +68,7 @@ class Gateway:
     listener: Listener | None = None
     listening: asyncio.Task[None] | None = None
     presence: peers.FilePresence | None = None
+    pulls: ImagePulls = dataclasses.field(default_factory=ImagePulls)
 
     @property
     def has_image_types(self) -> bool:
@@ -184,6 +186,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             if gateway.presence is not None:
                 gateway.presence.close()
             await gateway.launcher.close()
+            await gateway.pulls.close()
             await gateway.going_away()
             await gateway.audit.close()
             await gateway.key_usage.close()

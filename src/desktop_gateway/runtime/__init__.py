@@ -13,6 +13,8 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from desktop_gateway.runtime.pullprogress import PullProgress
+
 LABEL_PREFIX = "desktop-gateway."
 LABEL_MANAGED = LABEL_PREFIX + "managed"
 LABEL_INSTANCE = LABEL_PREFIX + "instance"
@@ -90,13 +92,15 @@ class ContainerInfo:
 
 
 Progress = Callable[[str], None]
+Measured = Callable[[PullProgress], None]
 
 
 class ContainerRuntime(Protocol):
     instance: str
 
-    async def ensure_image(self, image: str, progress: Progress) -> None:
-        """Pull ``image`` unless the host has it, reporting progress; raise :class:`ImageUnavailable`."""
+    async def ensure_image(self, image: str, progress: Progress, measured: Measured | None = None) -> None:
+        """Pull ``image`` unless the host has it, reporting progress (as text to ``progress``, and as
+        layers and bytes to ``measured``, for a progress bar); raise :class:`ImageUnavailable`."""
 
     async def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; return its id. Leaves nothing behind when it raises."""

@@ -29,10 +29,12 @@ from desktop_gateway.runtime import (
     ContainerState,
     EngineUnreachable,
     ImageUnavailable,
+    Measured,
     PortTaken,
     Progress,
     RuntimeFailure,
 )
+from desktop_gateway.runtime.pullprogress import PullTally
 
 log = logging.getLogger("desktop_gateway.runtime")
 KASM_PORT = "6901/tcp"
@@ -108,13 +110,16 @@ class DockerRuntime:
             return False
         return True
 
-    async def ensure_image(self, image: str, progress: Progress) -> None:
+    async def ensure_image(self, image: str, progress: Progress, measured: Measured | None = None) -> None:
         with metrics.docker_call("ensure_image"), answering():
             if await self.has_image(image):
                 return
             progress(f"pulling {image}")
+            tally = PullTally()
             try:
                 async for line in self._docker.images.pull(image, stream=True):
+                    if measured is not None:
+                        measured(tally.add(line))
                     if "error" in line:
                         raise ImageUnavailable(f"the image {image} could not be pulled: {line['error']}")
                     status = line.get("status")

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from desktop_gateway import closepolicy, desktops, identity, launch, metrics
+from desktop_gateway import closepolicy, desktops, identity, launch, metrics, watches
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
@@ -235,8 +235,10 @@ async def desktop_status(request: Request) -> Response:
         desktop = (
             await db.execute(select(Desktop).where(Desktop.name == request.path_params["name"]))
         ).scalar()
-    if desktop is None or desktop.user_id != who.user_id:
-        return JSONResponse({"error": "no such desktop"}, status_code=404, headers=PAGE_HEADERS)
+        if desktop is None or desktop.user_id != who.user_id:
+            return JSONResponse({"error": "no such desktop"}, status_code=404, headers=PAGE_HEADERS)
+        # The owner is told while anyone watches (a teacher, view-only): never watched unknowingly.
+        watched = desktop.state == DesktopState.RUNNING and await watches.watching(db, desktop.id) > 0
     body: dict[str, object] = {
         "state": desktop.state,
         "failure_reason": desktop.failure_reason,
@@ -244,6 +246,7 @@ async def desktop_status(request: Request) -> Response:
         "stop_reason": None,
         "stop_kind": None,
         "warning": False,
+        "watched": watched,
     }
     if desktop.state == DesktopState.RUNNING and desktop.container_id is not None:
         last = gateway.launcher.last_input(desktop.id, desktop.last_activity_at)
