@@ -2,6 +2,8 @@
 
 One table per type, ``[desktop_types.<name>]``, with a ``title`` and either an ``image`` (a container the
 gateway runs) or an ``endpoint`` (a KasmVNC desktop that already runs elsewhere, e.g. a lab machine).
+``constraints`` and ``reservations`` say where Docker Swarm may place an image type's desktops
+(``DESKTOP_GATEWAY_RUNTIME=swarm``); one Docker engine has nowhere else to put them and ignores both.
 
 A type's optional ``icon`` is one of the simple icons shipped in the package (``icons/``) or an image file
 on the gateway's machine; either is served by the gateway itself (``/static/...``), since its pages load
@@ -20,11 +22,14 @@ from urllib.parse import urlsplit
 
 from desktop_gateway.access import ROLES, TypeRule
 from desktop_gateway.db.models import Role
-from desktop_gateway.runtime import Mount
+from desktop_gateway.runtime import Mount, Reservations
 
 TYPE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 MAX_TYPE_NAME = 40
-_IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts"}
+_IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts", "constraints", "reservations"}
+# Swarm's placement constraint: an attribute (node.labels.gpu, node.role, engine.labels.x, ...), == or !=,
+# a value.
+CONSTRAINT = re.compile(r"(node|engine)\.[A-Za-z0-9_.-]+\s*(==|!=)\s*\S+")
 _RULE_KEYS = {"allowed_roles", "allowed_groups"}
 ICONS_DIR = Path(__file__).with_name("icons")
 BUILTIN_ICONS = tuple(sorted(p.stem for p in ICONS_DIR.glob("*.svg")))
@@ -52,6 +57,8 @@ class DesktopType:
     shm_size: int = 512 * 1024 * 1024
     env: MappingProxyType[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     mounts: tuple[Mount, ...] = ()
+    constraints: tuple[str, ...] = ()
+    reservations: Reservations | None = None
     rule: TypeRule = dataclasses.field(default_factory=TypeRule)
     icon: str | None = None  # a built-in icon's name, or None
     icon_file: Path | None = None  # the admin's own icon file, or None
@@ -131,6 +138,8 @@ def parse_desktop_types(
             shm_size=_size(table.get("shm_size", "512m"), f"{where}: shm_size"),
             env=MappingProxyType(_env(table.get("env", {}), where)),
             mounts=_mounts(table.get("mounts", []), where),
+            constraints=_constraints(table.get("constraints", []), where),
+            reservations=_reservations(table["reservations"], where) if "reservations" in table else None,
             rule=_rule(table, where),
             **_icon(table.get("icon"), where, base or Path.cwd()),
         )
@@ -222,6 +231,31 @@ def _mounts(value: object, where: str) -> tuple[Mount, ...]:
             )
         mounts.append(Mount(item["source"], item["target"], item.get("read_only", True)))
     return tuple(mounts)
+
+
+def _constraints(value: object, where: str) -> tuple[str, ...]:
+    """Swarm placement constraints, e.g. ``["node.labels.gpu == true"]``: every one must hold."""
+    if not isinstance(value, list) or not all(
+        isinstance(c, str) and CONSTRAINT.fullmatch(c.strip()) for c in value
+    ):
+        raise DesktopTypesError(
+            f'{where}: constraints is a list of Swarm placement constraints like "node.labels.gpu == true" '
+            f'or "node.role != manager" (an attribute, == or !=, a value), got {value!r}'
+        )
+    return tuple(" ".join(c.split()) for c in value)
+
+
+def _reservations(value: object, where: str) -> Reservations:
+    """What a Swarm node must have free for the type's desktop: ``{ memory = "2g", cpus = 1 }``."""
+    if not isinstance(value, dict) or not value or not set(value) <= {"memory", "cpus"}:
+        raise DesktopTypesError(
+            f'{where}: reservations is a table with memory and/or cpus, e.g. {{ memory = "2g", cpus = 1 }}, '
+            f"got {value!r}"
+        )
+    return Reservations(
+        memory=_size(value["memory"], f"{where}: reservations.memory") if "memory" in value else None,
+        nano_cpus=_cpus(value["cpus"], f"{where}: reservations.cpus") if "cpus" in value else None,
+    )
 
 
 def load_desktop_types(path: Path | None) -> dict[str, DesktopType]:

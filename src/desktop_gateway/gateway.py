@@ -27,8 +27,8 @@ from desktop_gateway.launcher import Launcher
 from desktop_gateway.notices import Listener
 from desktop_gateway.pulls import ImagePulls
 from desktop_gateway.relayhub import RelayHub
-from desktop_gateway.runtime import ContainerRuntime
-from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime import ContainerRuntime, RuntimeFailure
+from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
 from desktop_gateway.signin import Provider
@@ -129,7 +129,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await db.commit()
         database_file = sqlite_file(settings.database_url.reveal())
         hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions, sqlite_file=database_file)
-        runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+        runtime = open_runtime(settings)
         gateway = Gateway(
             settings=settings,
             engine=engine,
@@ -155,9 +155,12 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         wake = asyncio.Event()
         try:
             if maintain and gateway.has_image_types and await gateway.docker_reachable():
-                async with peers.reconcile_turn(sessions, settings.instance) as ours:
-                    if ours:
-                        await gateway.launcher.reconcile()
+                try:
+                    async with peers.reconcile_turn(sessions, settings.instance) as ours:
+                        if ours:
+                            await gateway.launcher.reconcile()
+                except RuntimeFailure as exc:  # the maintenance tries again and says so
+                    log.warning("could not reconcile with the desktops' engine: %s", exc)
             if maintain:
                 gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
                 await take_part(gateway, wake)

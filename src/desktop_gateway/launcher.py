@@ -157,14 +157,11 @@ class Launcher:
             container_id, port = await self._create(
                 desktop_id, name, user, desktop_type, password, view_only_password
             )
-            endpoint = f"wss://{self.settings.container_host}:{port}/"
+            host = await self.runtime.locate(container_id)
+            endpoint = f"wss://{host}:{port}/"
             async with self.sessions() as db:
                 desktop, _ = await desktops.load(db, desktop_id)
-                desktop.container_id, desktop.host, desktop.endpoint = (
-                    container_id,
-                    self.settings.container_host,
-                    endpoint,
-                )
+                desktop.container_id, desktop.host, desktop.endpoint = container_id, host, endpoint
                 desktop.vnc_username, desktop.vnc_password = "kasm_user", password
                 desktop.vnc_view_only_password = view_only_password
                 await db.commit()
@@ -242,6 +239,8 @@ class Launcher:
                 nano_cpus=desktop_type.nano_cpus,
                 shm_size=desktop_type.shm_size,
                 mounts=desktop_type.mounts,
+                constraints=desktop_type.constraints,
+                reservations=desktop_type.reservations,
             )
             try:
                 container_id = await self.runtime.start(spec)

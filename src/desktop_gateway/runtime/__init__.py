@@ -1,6 +1,7 @@
 """The container runtime contract: what the gateway needs from whatever runs desktops.
 
-Small on purpose (ensure an image, start, stop, inspect, list), so the use cases never see Docker's API.
+Small on purpose (ensure an image, start, stop, inspect, list, locate), so the use cases never see Docker's
+API, nor which runtime runs the desktops (one Docker engine, or a Docker Swarm: see :mod:`.choose`).
 A container that no longer exists is :attr:`ContainerState.GONE`, never an exception; an engine that does
 not answer raises :class:`EngineUnreachable`, which says nothing about any container.
 """
@@ -57,6 +58,14 @@ class Mount:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Reservations:
+    """What a node must have free for a desktop to be placed there (memory in bytes, CPUs in 1e-9)."""
+
+    memory: int | None = None
+    nano_cpus: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ContainerSpec:
     name: str
     image: str
@@ -69,6 +78,9 @@ class ContainerSpec:
     nano_cpus: int | None = None
     shm_size: int = 512 * 1024 * 1024
     mounts: Sequence[Mount] = ()
+    # Only a runtime that places desktops on several machines (Swarm) uses these two.
+    constraints: Sequence[str] = ()
+    reservations: Reservations | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,6 +104,9 @@ class ContainerRuntime(Protocol):
 
     async def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; return its id. Leaves nothing behind when it raises."""
+
+    async def locate(self, container_id: str) -> str:
+        """The address at which the started container's published port is dialled (a host name or IP)."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container (its home volume stays). A container already gone is not an error."""
