@@ -38,10 +38,13 @@ class Person:
     account: str
     display_name: str
     role: Role
+    groups: tuple[str, ...] = ()
 
 
-STUDENT = Person("anna", "Anna Schmidt", Role.STUDENT)
-OTHER_STUDENT = Person("ben", "Ben Meyer", Role.STUDENT)
+CLASS = "7a"  # the students' group, which TEACHER teaches
+STUDENT = Person("anna", "Anna Schmidt", Role.STUDENT, (CLASS,))
+OTHER_STUDENT = Person("ben", "Ben Meyer", Role.STUDENT, (CLASS,))
+TEACHER = Person("lena", "Lena Lehmann", Role.TEACHER, (CLASS,))
 ADMIN = Person("ada", "Ada Lovelace", Role.ADMIN)
 
 
@@ -68,7 +71,7 @@ def card_in(type_name: str, state: str) -> str:
 # Every page a person can meet, in the states the scans and checks look at. The scene (see
 # :func:`scene_types` and :func:`set_up_scene`) has STUDENT's `lab` desktop running, their `media` one
 # stopped and their `linux` one starting (it never gets ready), and OTHER_STUDENT's `lab` desktop
-# running. To add the viewer: PageState("viewer", "/desktop/{own_desktop}", STUDENT, ready=...).
+# running; TEACHER teaches both students' group.
 PAGES = [
     PageState("landing", "/"),
     PageState("dev-login", "/dev-login"),
@@ -92,6 +95,9 @@ PAGES = [
     PageState("admin-types", "/admin/types", ADMIN),
     PageState("admin-grants", "/admin/grants", ADMIN),
     PageState("admin-audit", "/admin/audit", ADMIN),
+    PageState("viewer", "/desktop/{own_desktop}", STUDENT, ready="!!document.getElementById('screen')"),
+    PageState("class", f"/class/{CLASS}", TEACHER, ready="document.querySelectorAll('.tile').length === 2"),
+    PageState("watch", f"/class/{CLASS}/watch/{{own_desktop}}", TEACHER),
     PageState("message-401", "/admin", status=401),
     PageState("message-403", "/admin", STUDENT, status=403),
     PageState("message-404", "/desktop/{others_desktop}", STUDENT, status=404),
@@ -118,7 +124,8 @@ async def sign_in(gw: RunningGateway, person: Person) -> str:
     """A session of ``person`` as their school sign-in would make it (no development sign-in, so its
     banner is not on the pages); returns the session cookie's value."""
     settings = gw.settings
-    claims = people.Claims(f"subject-{person.account}", person.account, person.display_name, None, [], [])
+    groups = [{"act": g, "name": f"Klasse {g}"} for g in person.groups]
+    claims = people.Claims(f"subject-{person.account}", person.account, person.display_name, None, groups, [])
     async with gw.gateway.sessions() as db:
         signed_in = await people.sign_in(db, claims, settings.admin_groups, settings.teacher_groups)
         if person.role != Role.STUDENT:
@@ -154,7 +161,7 @@ async def set_up_scene(gw: RunningGateway) -> Scene:
     """STUDENT's ``lab`` desktop running (with a launch link), OTHER_STUDENT's too, STUDENT's ``linux``
     one starting (when the gateway has that type), and everyone signed in."""
     scene = Scene(gw)
-    for person in (STUDENT, OTHER_STUDENT, ADMIN):
+    for person in (STUDENT, OTHER_STUDENT, TEACHER, ADMIN):
         scene.cookies[person.account] = await sign_in(gw, person)
     desktop = await gw.start_desktop(STUDENT.account, "lab")
     others = await gw.start_desktop(OTHER_STUDENT.account, "lab")

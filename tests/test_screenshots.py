@@ -1,10 +1,12 @@
 """Screenshots of the pages people use, in each language, kept as test artifacts (``scripts/screenshots``
 copies them into ``docs/screenshots/`` for the README): the landing page, the dashboard while a desktop
-starts (its progress bar) and once it runs, and the admins' page, at 1366x768."""
+starts (its progress bar) and once it runs, its viewer, a teacher's class overview, and the admins' page,
+at 1366x768."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from gatewaytest import static_type
 from pagetour import (
     LANGUAGES,
     STUDENT,
+    TEACHER,
     Scene,
     artifacts_dir,
     card_in,
@@ -56,9 +59,24 @@ async def picture(tab: Tab, folder: Path, name: str) -> Path:
     return path
 
 
-async def dashboard_through_a_start(tab: Tab, scene: Scene, folder: Path, language: str) -> list[Path]:
-    """Start the ``vscode`` desktop from the dashboard: pictures while it starts and once it runs; then
-    stop it again (with the confirmation) so that the next language starts it afresh."""
+def drawn(canvas: str) -> str:
+    """A JavaScript expression: true once the canvas at the CSS selector ``canvas`` shows a picture."""
+    return f"""(() => {{
+        const c = document.querySelector({json.dumps(canvas)});
+        if (!c || !c.width) return false;
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let lit = 0;
+        for (let i = 0; i < d.length; i += 64) lit += d[i] > 0;
+        return lit > 100;
+    }})()"""
+
+
+async def dashboard_through_a_start(
+    chromium: Browser, tab: Tab, scene: Scene, folder: Path, language: str
+) -> list[Path]:
+    """Start the ``vscode`` desktop from the dashboard: pictures while it starts and once it runs, of its
+    viewer, and of the teacher's class overview showing it; then stop it again (with the confirmation)
+    so that the next language starts it afresh."""
     await show(tab, scene, dataclasses.replace(page("dashboard"), ready=card_in("vscode", "stopped")))
     await tab.page.locator("#card-vscode form.start button").click()
     await tab.wait_for(
@@ -69,6 +87,15 @@ async def dashboard_through_a_start(tab: Tab, scene: Scene, folder: Path, langua
     shots = [await picture(tab, folder, f"dashboard-starting-{language}")]
     await tab.wait_for(card_in("vscode", "running"), "the desktop did not start", within=WAIT)
     shots.append(await picture(tab, folder, f"dashboard-running-{language}"))
+    await tab.page.goto(f"{scene.gw.base_url}/desktop/{STUDENT.account}-vscode")
+    await tab.wait_for(drawn("#screen canvas"), "the viewer did not show the desktop", within=WAIT)
+    shots.append(await picture(tab, folder, f"viewer-{language}"))
+    teacher = await open_tab(chromium, scene, TEACHER, language)
+    thumbnail = f".screen[data-desktop='{STUDENT.account}-vscode'] canvas"
+    await show(teacher, scene, dataclasses.replace(page("class"), ready=drawn(thumbnail)))
+    shots.append(await picture(teacher, folder, f"class-{language}"))
+    await teacher.page.context.close()
+    await show(tab, scene, dataclasses.replace(page("dashboard"), ready=card_in("vscode", "running")))
     await tab.page.locator("#card-vscode form.stop button").click()
     await tab.page.locator("#confirm-stop button[value=stop]").click()
     await tab.wait_for(card_in("vscode", "stopped"), "the desktop did not stop", within=WAIT)
@@ -85,8 +112,9 @@ async def test_screenshots_of_the_pages_in_each_language(
     chromium: Browser,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """Saves PNGs of the landing page, the dashboard (starting, running) and the admin page in each
-    language into the artifacts directory (printed), each a non-empty 1366x768 picture."""
+    """Saves PNGs of the landing page, the dashboard (starting, running), the viewer, the class overview
+    and the admin page in each language into the artifacts directory (printed), each a non-empty
+    1366x768 picture."""
     gw = await start_gateway(types(docker_image, kasm.port), instance=instance)
     scene = await set_up_scene(gw)
     folder = artifacts_dir(tmp_path_factory)
@@ -99,13 +127,13 @@ async def test_screenshots_of_the_pages_in_each_language(
             shots.append(await picture(tab, folder, f"{name}-{language}"))
             await tab.page.context.close()
         tab = await open_tab(chromium, scene, STUDENT, language)
-        shots += await dashboard_through_a_start(tab, scene, folder, language)
+        shots += await dashboard_through_a_start(chromium, tab, scene, folder, language)
         await tab.page.context.close()
     print(f"screenshots: {folder}")
     assert [p.name for p in shots] == [
         f"{name}-{language}.png"
         for language in LANGUAGES
-        for name in (*PICTURED, "dashboard-starting", "dashboard-running")
+        for name in (*PICTURED, "dashboard-starting", "dashboard-running", "viewer", "class")
     ]
     for path in shots:
         assert path.read_bytes()[16:24] == (1366).to_bytes(4, "big") + (768).to_bytes(4, "big"), path
