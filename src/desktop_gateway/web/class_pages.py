@@ -92,7 +92,25 @@ async def class_page(request: Request) -> Response:
     if novnc is None:
         return message(503, "viewer.missing_heading", "viewer.missing")
     found = await members(request.state.gateway, group)
-    return render("class.html", group=group, members=[dataclasses.asdict(m) for m in found], novnc_base=novnc)
+    return render(
+        "class.html",
+        group=group,
+        members=[dataclasses.asdict(m) for m in found],
+        novnc_base=novnc,
+        sentences=class_sentences(i18n.current.get()),
+    )
+
+
+def class_sentences(language: str) -> dict[str, str]:
+    """What the class page's script says, as plain text (it goes into ``textContent`` and attributes)."""
+    text = i18n.CATALOGUE.text
+    return {
+        "none": text(language, "class.no_desktop"),
+        "starting": text(language, "class.starting"),
+        "empty": text(language, "class.no_students"),
+        "paused": text(language, "class.paused"),
+        "open": text(language, "class.open", name="{name}"),
+    }
 
 
 async def class_desktops(request: Request) -> Response:
