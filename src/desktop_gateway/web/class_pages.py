@@ -23,6 +23,7 @@ from desktop_gateway.db.models import Desktop, DesktopState, Role, User
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.grants import person_of
 from desktop_gateway.identity import Identity
+from desktop_gateway.settings import Settings
 from desktop_gateway.web import i18n, static
 from desktop_gateway.web.pages import PAGE_HEADERS, message, render, viewer_sentences
 
@@ -97,14 +98,18 @@ async def class_page(request: Request) -> Response:
         group=group,
         members=[dataclasses.asdict(m) for m in found],
         novnc_base=novnc,
-        sentences=class_sentences(i18n.current.get()),
+        sentences=class_sentences(request.state.gateway.settings, i18n.current.get()),
     )
 
 
-def class_sentences(language: str) -> dict[str, str]:
-    """What the class page's script says, as plain text (it goes into ``textContent`` and attributes)."""
+def class_sentences(settings: Settings, language: str) -> dict[str, object]:
+    """What the class page's script says, as plain text (it goes into ``textContent`` and attributes),
+    and what a closed connection means (as the viewer says it)."""
     text = i18n.CATALOGUE.text
+    viewer = viewer_sentences(settings, language)
     return {
+        "close": viewer["close"],
+        "closeCodes": viewer["closeCodes"],
         "none": text(language, "class.no_desktop"),
         "starting": text(language, "class.starting"),
         "empty": text(language, "class.no_students"),
