@@ -9,7 +9,8 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 LABEL desktop-gateway.stage=build
-# Where pip gets the packages from. "pypi" (the default): downloads them. "wheels": installs only the
+# Where pip gets the packages from. "pypi" (the default): downloads them (and builds the package, whose
+# build copies the viewer's noVNC from npm: npm is installed in this stage only). "wheels": installs only the
 # wheels in wheels/ of the build context, without network (scripts/build-image makes them with
 # `pip wheel`, for a build that cannot reach PyPI).
 ARG PACKAGES=pypi
@@ -17,7 +18,8 @@ RUN python3 -m venv /opt/desktop-gateway
 COPY . /src
 RUN set -eu; \
     case "$PACKAGES" in \
-        pypi) /opt/desktop-gateway/bin/pip install --no-cache-dir /src ;; \
+        pypi) command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends npm >/dev/null; }; \
+              /opt/desktop-gateway/bin/pip install --no-cache-dir /src ;; \
         wheels) /opt/desktop-gateway/bin/pip install --no-cache-dir --no-index --find-links /src/wheels desktop-gateway ;; \
         *) echo "PACKAGES must be pypi or wheels, not '$PACKAGES'" >&2; exit 1 ;; \
     esac; \

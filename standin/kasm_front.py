@@ -528,7 +528,9 @@ class KasmFront(_Endpoint):
     """KasmVNC's port-6901 endpoint: Basic auth, HTTP, and a WebSocket in front of ``app``.
 
     ``users`` maps user names to passwords (e.g. ``{"kasm_user": pw, "kasm_viewer": pw2}``);
-    None disables auth, like KasmVNC's ``-disableBasicAuth``. ``blacklist=True`` blocks an IP
+    None disables auth, like KasmVNC's ``-disableBasicAuth``. ``viewer_app``, when given, serves
+    ``kasm_viewer``'s connections (KasmVNC ignores that account's input: the stand-in bridges it to
+    a view-only VNC server). ``blacklist=True`` blocks an IP
     after BLACKLIST_THRESHOLD failures for BLACKLIST_TIMEOUT seconds (off by default, so that
     tests on loopback are never locked out); failures are counted either way.
     """
@@ -541,9 +543,11 @@ class KasmFront(_Endpoint):
         ssl_context: ssl.SSLContext | None = None,
         web_root: str | os.PathLike[str] | None = None,
         blacklist: bool = False,
+        viewer_app: App | None = None,
     ) -> None:
         super().__init__(ssl_context)
         self.app = app
+        self.viewer_app = viewer_app
         self.users = dict(users) if users is not None else None
         self.web_root = Path(web_root) if web_root is not None else None
         self.blacklist_enabled = blacklist
@@ -581,6 +585,7 @@ class KasmFront(_Endpoint):
 
     async def _respond(self, request: Request, reader: StreamReader, writer: StreamWriter) -> None:
         ip = request.peer
+        user = None
         if self.blacklist_enabled and self._is_blacklisted(ip):
             log.info("%s is blacklisted, dropping", ip)
             writer.write(b"HTTP/1.1 401 Forbidden\r\n\r\n")
@@ -606,8 +611,9 @@ class KasmFront(_Endpoint):
         self.active += 1
         ws = WebSocket(self, request, reader, writer)
         log.info("%s: WebSocket %s opened", ip, request.target)
+        app = self.viewer_app if user == "kasm_viewer" and self.viewer_app is not None else self.app
         try:
-            await self.app(ws)
+            await app(ws)
         finally:
             self.active -= 1
             self.disconnected.set()
@@ -794,6 +800,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--backend", metavar="HOST:PORT", help="bridge to a TCP server (TigerVNC)")
     target.add_argument("--app", choices=sorted(APPS), default="echo", help="built-in app (default echo)")
+    parser.add_argument(
+        "--viewer-backend",
+        metavar="HOST:PORT",
+        help="bridge kasm_viewer's connections to this (view-only) TCP server instead",
+    )
     parser.add_argument("--web-root", help="directory served over plain HTTP (noVNC)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
@@ -802,6 +813,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if (args.cert is None) != (args.key is None):
         parser.error("--cert and --key go together")
     return args
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -813,9 +829,16 @@ async def _serve(args: argparse.Namespace) -> None:
             users["kasm_viewer"] = args.viewer_password
     app = APPS[args.app]
     if args.backend:
-        host, _, port = args.backend.rpartition(":")
-        app = tcp_backend(host or "127.0.0.1", int(port))
-    front = KasmFront(app, users=users, ssl_context=context, web_root=args.web_root, blacklist=args.blacklist)
+        app = tcp_backend(*_host_port(args.backend))
+    viewer_app = tcp_backend(*_host_port(args.viewer_backend)) if args.viewer_backend else None
+    front = KasmFront(
+        app,
+        users=users,
+        ssl_context=context,
+        web_root=args.web_root,
+        blacklist=args.blacklist,
+        viewer_app=viewer_app,
+    )
     port = await front.start(args.host, args.port)
     print(f"kasm_front listening on https://{args.host}:{port}", flush=True)
     stopping = asyncio.Event()

@@ -231,12 +231,17 @@ class Browser:
             return [name for _, name in socket.if_nameindex()]
         return [name for _, name in await _in_netns(self.netns, socket.if_nameindex)]
 
-    async def new_tab(self, *, ignore_https_errors: bool = False) -> Tab:
+    async def new_tab(
+        self, *, ignore_https_errors: bool = False, viewport: ViewportSize = VIEWPORT, **options: Any
+    ) -> Tab:
         """A page in a new context that records its WebSocket closes and keeps its console messages.
 
         ``ignore_https_errors``: for a test's Apache with its throwaway certificate (this context only).
+        ``options``: more of Playwright's context options (``locale``, ``has_touch``, ``bypass_csp``...).
         """
-        context = await self.browser.new_context(viewport=VIEWPORT, ignore_https_errors=ignore_https_errors)
+        context = await self.browser.new_context(
+            viewport=viewport, ignore_https_errors=ignore_https_errors, **options
+        )
         await context.add_init_script(RECORD_WEBSOCKET_CLOSES)
         tab = Tab(await context.new_page(), self.workdir, len(self.tabs))
         self.tabs.append(tab)

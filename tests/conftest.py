@@ -106,6 +106,7 @@ def run_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 SECRET_COLUMNS = (
     "SELECT vnc_password FROM desktops",
+    "SELECT vnc_view_only_password FROM desktops",
     "SELECT id FROM browser_sessions",
     "SELECT id_token FROM browser_sessions",
 )

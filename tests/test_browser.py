@@ -1,8 +1,8 @@
 """End to end in a real browser: headless Chromium opens a launch link and noVNC shows a container desktop.
 
 The whole path a student's browser takes: launch link -> session cookie -> viewer page -> ``/status``
-polling -> noVNC from the desktop through the asset proxy -> noVNC's WebSocket through the relay to the
-stand-in desktop (TigerVNC behind a Kasm-like front) in a real Docker container.
+polling -> the gateway's bundled noVNC -> its WebSocket through the relay to the stand-in desktop
+(TigerVNC behind a Kasm-like front) in a real Docker container.
 """
 
 from __future__ import annotations
@@ -32,16 +32,21 @@ __all__ = ["chromium", "docker_image", "instance"]  # fixtures, imported for pyt
 
 SHARED_SCREENSHOT = Path("/tmp/desktop-gateway-viewer.png")
 
-# JavaScript read in the viewer page; ``screen`` is the viewer's iframe, noVNC's page is its document.
-NOVNC = "document.getElementById('screen')?.contentDocument"
-NOVNC_CONNECTED = f"!!{NOVNC}?.documentElement.classList.contains('noVNC_connected')"
+# JavaScript read in the viewer page: its connection (waiting, connecting, connected, closed), its status
+# sentences, and the closes of its WebSockets as the browser saw them.
+CONNECTION = "document.documentElement.dataset.connection ?? null"
+NOVNC_CONNECTED = f"{CONNECTION} === 'connected'"
 VIEWER_STATUS = "document.getElementById('status')?.textContent ?? null"
-WEBSOCKET_CLOSES = "document.getElementById('screen')?.contentWindow?.__websocketCloses ?? []"
-# The desktop noVNC draws: its canvas size, how many colours a grid of samples finds, and the size of the
-# iframe's viewport (with ``resize=remote`` noVNC asks the desktop to take that size).
+DESKTOP_STATE_LINE = "document.getElementById('desktop-state')?.textContent ?? null"
+COUNTDOWN = "document.getElementById('countdown')?.textContent ?? null"
+RECONNECT_OFFERED = "document.getElementById('reconnect')?.hidden === false"
+WEBSOCKET_CLOSES = "window.__websocketCloses ?? []"
+STOPPED = "The desktop is stopped. Open it again from the school portal."
+# The desktop noVNC draws: its canvas size (the desktop's), how many colours a grid of samples finds, and
+# the canvas's box on the page against the viewer's screen area (noVNC scales it to fit).
 CANVAS = """(() => {
-  const frame = document.getElementById('screen');
-  const canvas = frame?.contentDocument?.querySelector('#noVNC_container canvas');
+  const screen = document.getElementById('screen');
+  const canvas = screen?.querySelector('canvas');
   if (!canvas || !canvas.width || !canvas.height) return null;
   const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
   const colours = new Set();
@@ -50,8 +55,9 @@ CANVAS = """(() => {
       const i = (y * canvas.width + x) * 4;
       colours.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
     }
-  const view = [frame.contentWindow.innerWidth, frame.contentWindow.innerHeight];
-  return {width: canvas.width, height: canvas.height, colours: colours.size, view};
+  const box = canvas.getBoundingClientRect(), area = screen.getBoundingClientRect();
+  return {width: canvas.width, height: canvas.height, colours: colours.size,
+          shown: [box.width, box.height], area: [area.width, area.height]};
 })()"""
 
 
@@ -60,10 +66,14 @@ def text_containing(expression: str, words: str) -> str:
     return f"(() => {{ const s = {expression}; return s && s.includes({json.dumps(words)}) ? s : null; }})()"
 
 
-# The desktop is drawn (more than one colour) at the size of the viewer's iframe.
+# The desktop is drawn (more than one colour), scaled to the viewer's screen area: it fits, and fills it
+# in width or in height.
 CANVAS_DRAWN = f"""(() => {{
   const c = {CANVAS};
-  return c && c.colours > 1 && c.width === c.view[0] && c.height === c.view[1] ? c : null;
+  if (!c || c.colours <= 1) return null;
+  const fits = c.shown[0] <= c.area[0] + 1 && c.shown[1] <= c.area[1] + 1;
+  const fills = Math.abs(c.shown[0] - c.area[0]) <= 1 || Math.abs(c.shown[1] - c.area[1]) <= 1;
+  return fits && fills ? c : null;
 }})()"""
 
 
@@ -104,22 +114,15 @@ async def open_launch_link(
 
 
 async def assert_desktop_shown(page: Tab) -> dict[str, Any]:
-    """noVNC in the viewer connects and draws the desktop at the iframe's size; return the canvas.
+    """noVNC in the viewer connects and draws the desktop scaled to the viewer's screen; return the canvas.
 
-    The viewer asks noVNC for ``resize=remote``: the desktop (Xvnc, 1280×720 at start) is resized through
-    the relay to the size of the iframe, so that is the size the canvas ends up with.
+    The viewer leaves the desktop its size (Xvnc, 1280×720) and has noVNC scale it to the window.
     """
     await page.wait_for(NOVNC_CONNECTED, "noVNC in the viewer did not connect", within=60)
     canvas: dict[str, Any] = await page.wait_for(
-        CANVAS_DRAWN, "noVNC's canvas shows no desktop at the iframe's size", within=30
+        CANVAS_DRAWN, "noVNC's canvas shows no desktop scaled to the viewer", within=30
     )
     return canvas
-
-
-async def resize_screen(tab: Tab, width: int, height: int) -> None:
-    """Resize the tab so that the viewer's iframe is ``width`` × ``height`` CSS pixels."""
-    header = await tab.evaluate("innerHeight - document.getElementById('screen').clientHeight")
-    await tab.page.set_viewport_size({"width": width, "height": height + header})
 
 
 async def open_running_desktop(gw: RunningGateway, chromium: Browser) -> tuple[dict[str, Any], Tab]:
@@ -134,13 +137,21 @@ async def open_running_desktop(gw: RunningGateway, chromium: Browser) -> tuple[d
 async def test_launch_link_shows_the_running_desktop(
     start_gateway: StartGateway, docker_image: str, instance: str, chromium: Browser
 ) -> None:
-    """The launch link in a real browser shows the running desktop: noVNC connected, canvas 1280×720 with non-uniform pixels."""  # noqa: E501
+    """The launch link in a real browser shows the running desktop: noVNC connected, the 1280×720 desktop
+    with non-uniform pixels, scaled to the window, and scaled again when the window changes."""
     gw = await start_gateway(image_type("standin", docker_image), instance=instance)
     _, page = await open_running_desktop(gw, chromium)
-    await resize_screen(page, 1280, 720)
+    await page.page.set_viewport_size({"width": 800, "height": 700})
     canvas = await page.wait_for(
-        f"(() => {{ const c = {CANVAS_DRAWN}; return c?.width === 1280 && c.height === 720 ? c : null; }})()",
-        "the desktop did not follow the viewer to 1280×720",
+        f"(() => {{ const c = {CANVAS_DRAWN}; return c?.shown[0] < 801 ? c : null; }})()",
+        "the desktop was not scaled to a smaller window",
+        within=30,
+    )
+    assert (canvas["width"], canvas["height"]) == (1280, 720), canvas
+    await page.page.set_viewport_size({"width": 1280, "height": 900})
+    canvas = await page.wait_for(
+        f"(() => {{ const c = {CANVAS_DRAWN}; return c?.shown[0] > 1200 ? c : null; }})()",
+        "the desktop was not scaled back to the window",
         within=30,
     )
     shot = await page.screenshot("viewer")
@@ -174,17 +185,30 @@ async def test_stopping_the_desktop_tells_the_student(
     first = {k: closes[0][k] for k in ("code", "reason")}
     if first != {"code": 1001, "reason": "The desktop was stopped."}:
         raise await page.failure(f"the browser's WebSocket ended otherwise: {closes}")
-    await page.wait_for(f"!{NOVNC_CONNECTED}", "noVNC still says it is connected", within=30)
-    status = await page.wait_for(
-        text_containing(VIEWER_STATUS, "The desktop is stopped"),
-        "the viewer's status line does not say that the desktop is stopped",
-        within=45,
+    await assert_closed_for_good(page, "The desktop was stopped.")
+
+
+async def assert_closed_for_good(page: Tab, sentence: str, desktop_stopped: bool = True) -> None:
+    """The viewer says ``sentence`` (and, when ``desktop_stopped``, that the desktop is stopped), offers
+    Reconnect (with the keyboard's focus), and counts down to no reconnect of its own."""
+    await page.wait_for(f"{CONNECTION} === 'closed'", "the viewer does not show the closed connection", 30)
+    await page.wait_for(
+        text_containing(VIEWER_STATUS, sentence), f"the viewer does not say {sentence!r}", within=30
     )
-    shot = await page.screenshot("stopped")
-    assert status == "The desktop is stopped. Open it again from the school portal.", shot
-    assert await page.evaluate("document.getElementById('screen').getAttribute('src')") is None, (
-        f"the viewer did not unload noVNC; screenshot: {shot}"
-    )
+    if desktop_stopped:
+        await page.wait_for(
+            text_containing(
+                DESKTOP_STATE_LINE, "The desktop is stopped. Open it again from the school portal."
+            ),
+            "the viewer does not say that the desktop is stopped",
+            within=30,
+        )
+    shot = await page.screenshot(f"closed-{page.number}")
+    assert await page.evaluate(RECONNECT_OFFERED), f"no Reconnect button; screenshot: {shot}"
+    # The keyboard was on the desktop: it is on Reconnect now.
+    assert await page.evaluate("document.activeElement?.id") == "reconnect", shot
+    assert await page.evaluate(COUNTDOWN) == "", f"the viewer counts down to a reconnect; screenshot: {shot}"
+    assert await page.evaluate(CONNECTION) == "closed", shot
 
 
 async def test_desktop_still_starting_connects_by_itself(
@@ -206,8 +230,8 @@ async def test_desktop_still_starting_connects_by_itself(
         within=15,
     )
     assert status == "Starting your desktop… this takes a few seconds."
-    assert not await page.evaluate(NOVNC_CONNECTED)
-    assert not await page.evaluate("document.getElementById('screen').getAttribute('src')")
+    assert await page.evaluate(CONNECTION) == "waiting"
+    assert await page.evaluate(WEBSOCKET_CLOSES) == [], "the viewer tried to connect to a starting desktop"
     await docker_cli("update", "--cpus", str(os.cpu_count() or 1), await container_of(instance))
 
     await assert_desktop_shown(page)

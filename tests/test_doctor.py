@@ -145,6 +145,28 @@ async def test_docker_unreachable_and_a_missing_image_are_named(
     assert image.fix == "run `docker pull desktop-gateway/absent-image:never` on the Docker host"
 
 
+async def test_a_swarm_runtime_on_an_engine_that_is_no_manager_is_named(
+    start_gateway: StartGateway, tmp_path: Path
+) -> None:
+    """An image type with ``RUNTIME=swarm`` on an engine that answers but is no swarm manager: FAIL with
+    Docker's sentence and the fix naming a manager node."""
+    gw = await start_gateway()
+    types = tmp_path / "image-types.toml"
+    types.write_text('[desktop_types.code]\ntitle = "Code"\nimage = "desktop-gateway/absent-image:never"\n')
+    plain = by_name(await run_checks(dataclasses.replace(gw.settings, desktop_types_file=types)))
+    if plain["docker"].status is not Status.OK:
+        missing_real_component(f"no Docker engine answers: {plain['docker'].summary}")
+    swarm = dataclasses.replace(gw.settings, desktop_types_file=types, runtime="swarm")
+    docker = by_name(await run_checks(swarm))["docker"]
+    if docker.status is Status.OK:
+        pytest.skip("the test's Docker engine is a swarm manager")
+    assert docker.status is Status.FAIL
+    assert "refuses to list the desktops" in docker.summary
+    assert "swarm manager" in docker.summary
+    assert docker.fix is not None
+    assert "a manager node" in docker.fix
+
+
 async def test_an_outdated_schema_fails_with_the_command_and_json_for_scripts(
     start_gateway: StartGateway, database_url: str, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import html
 import json
 import re
 from collections.abc import Iterable
@@ -39,6 +40,8 @@ COMPUTED = (
     "launch.used",
     "close.",  # the viewer's script, by the English reason
     "close_code.",  # the viewer's script, by code
+    "types.pull_failed.",  # admin_types.py: "types.pull_failed." + why the pull failed
+    "audit.kind.",  # admin_audit.html: "audit.kind." ~ the event's kind
 )
 
 
@@ -69,7 +72,7 @@ def test_german_is_translated() -> None:
     """A German sentence equal to its English one is a word German shares, never one left untranslated."""
     same = {k for k, v in values("en").items() if values("de")[k] == v}
     # "Desktop", "Desktops", "Desktop {name}"
-    assert same == {"page.title", "home.title", "viewer.frame_title"}
+    assert same == {"page.title", "home.title", "viewer.screen_title"}
 
 
 def test_german_speaks_to_the_reader_as_du() -> None:
@@ -484,6 +487,48 @@ async def test_every_german_page_is_german(start_gateway: StartGateway, kasm: ka
         assert_german(await ada.get(stopped.headers["location"]), admin_data)
         assert_german(await ada.post("/admin/desktops/stop-all", headers=origin), admin_data)
         assert_german(await ada.post("/admin/desktops/stop-idle"), admin_data)  # no Origin
+    finally:
+        await ada.aclose()
+
+
+async def test_the_admins_other_pages_are_german(
+    start_gateway: StartGateway, kasm: kasm_front.KasmFront
+) -> None:
+    """The desktop types, assignments and audit log pages in German, with their refusals and sentences
+    for bad input; only the page's data (names, times, the log's English details) is not a sentence."""
+    gw = await german_gateway(start_gateway, kasm)
+    origin = {"Origin": gw.base_url}
+    async with httpx.AsyncClient(base_url=gw.base_url, headers=GERMAN) as stranger:
+        for path in ("/admin/types", "/admin/grants", "/admin/audit"):
+            assert_german(await stranger.get(path), set())
+        assert_german(await stranger.post("/admin/grants", headers=origin), set())
+    ada = await dev_sign_in(gw, "ada", "admin", "5a")
+    ada.headers.update(GERMAN)
+    address = f"wss://127.0.0.1:{kasm.port}/"
+    data = {"ada", "lab", "lehrerzimmer", "Informatik-Labor", "Lehrerzimmer", address, "7a"}
+    try:
+        types = assert_german(await ada.get("/admin/types"), data)
+        assert {"Desktop-Arten", "feste Adresse", "alle", "Lehrkraft"} <= set(types.texts)
+        assert_german(await ada.post("/admin/types/lab/pull", headers=origin), data)
+        grant = {"desktop_type": "lab", "whom": "group", "name": "7a"}
+        added = await ada.post("/admin/grants", data=grant, headers=origin)
+        grants = await ada.get(added.headers["location"])
+        times = set(re.findall(r"<time [^>]*>([^<]+)</time>", grants.text))
+        assert "Die Freigabe ist gespeichert." in assert_german(grants, data | times).texts
+        for bad in ({**grant, "name": "niemand", "whom": "user"}, {**grant, "desktop_type": "x"}, {}):
+            refused = await ada.post("/admin/grants", data=bad, headers=origin)
+            assert refused.status_code == 422
+            assert_german(refused, data | times)
+        remove = re.search(r'action="(/admin/grants/\d+/remove)"', grants.text)
+        assert remove is not None
+        assert_german(await ada.post(remove.group(1), headers=origin), data | times)
+        await gw.gateway.audit.flush()
+        log = await ada.get("/admin/audit")
+        times |= set(re.findall(r"<time [^>]*>([^<]+)</time>", log.text))
+        details = set(re.findall(r'<td class="detail">([^<]*)</td>', log.text))
+        shown = assert_german(log, data | times | {html.unescape(d) for d in details} | {"Ada", "5a"})
+        assert {"Protokoll", "Anmeldung", "freigegeben"} <= set(shown.texts)
+        assert_german(await ada.get("/admin/audit", params={"from": "gestern"}), data)
     finally:
         await ada.aclose()
 

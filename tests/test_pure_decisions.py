@@ -13,6 +13,7 @@ from websockets.http11 import Response
 from desktop_gateway import closepolicy
 from desktop_gateway.launcher import stop_deadline, stop_reason
 from desktop_gateway.relay import is_user_input
+from desktop_gateway.runtime.swarm import service_name
 from desktop_gateway.settings import load_settings
 
 NEVER_ON_THE_WIRE = (1004, 1005, 1006, 1015, 999, 5000)
@@ -131,3 +132,17 @@ def test_zero_disables_both_limits() -> None:
         }
     )
     assert stop_deadline(settings, NOW - dt.timedelta(days=3), None) is None
+
+
+def test_swarm_service_names_are_valid_and_stay_apart() -> None:
+    """A desktop's container name is its Swarm service name when Swarm takes it; a longer one, or one
+    with characters Swarm refuses, is cut to 63 characters with a hash that keeps two such names apart."""
+    assert service_name("dg-default-anna-ubuntu-vscode") == "dg-default-anna-ubuntu-vscode"
+    long_a = "dg-default-" + "a" * 60 + "-ubuntu-vscode"
+    long_b = "dg-default-" + "a" * 60 + "-ubuntu-chromium"
+    assert len(service_name(long_a)) <= 63
+    assert service_name(long_a) != service_name(long_b)
+    assert service_name(long_a) == service_name(long_a)
+    dotted = service_name("dg-default-anna.schmidt-ubuntu")
+    assert dotted.startswith("dg-default-anna-schmidt-ubuntu-")
+    assert set(dotted) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")

@@ -14,6 +14,7 @@ from desktop_gateway.desktop_types import (
     load_desktop_types,
     parse_desktop_types,
 )
+from desktop_gateway.runtime import Reservations
 from desktop_gateway.settings import (
     DEFAULT_SECRET_FILE,
     DEFAULT_SQLITE_FILE,
@@ -326,6 +327,8 @@ def test_example_types_file_parses() -> None:
     assert vscode.endpoint is None
     assert not vscode.is_static
     assert (vscode.memory, vscode.nano_cpus, vscode.shm_size) == (4 * 1024**3, 2_000_000_000, 512 * 1024**2)
+    assert vscode.constraints == ("node.labels.gpu == true",)
+    assert vscode.reservations == Reservations(memory=2 * 1024**3, nano_cpus=1_000_000_000)
     assert vscode.title
     assert vscode.description.startswith("A Linux desktop")
 
@@ -349,6 +352,36 @@ def test_types_defaults() -> None:
     assert types["lab"].description == ""
 
 
+def test_swarm_placement_of_a_type_parsed() -> None:
+    """A type's Swarm constraints are kept (spaces evened out) and its reservations converted to bytes and
+    nano-CPUs; a type without them has none."""
+    types = parse_desktop_types(
+        {
+            "desktop_types": {
+                "gpu": {
+                    "title": "GPU",
+                    "image": "i",
+                    "constraints": ["node.labels.gpu==true", "node.role  !=  manager"],
+                    "reservations": {"memory": "512m"},
+                },
+                "plain": {"title": "Plain", "image": "i"},
+            }
+        }
+    )
+    assert types["gpu"].constraints == ("node.labels.gpu==true", "node.role != manager")
+    assert types["gpu"].reservations == Reservations(memory=512 * 1024**2, nano_cpus=None)
+    assert (types["plain"].constraints, types["plain"].reservations) == ((), None)
+
+
+def test_runtime_setting(tmp_path: Path) -> None:
+    """``RUNTIME`` is docker by default, swarm when asked (any case), and anything else is refused with
+    what the two mean."""
+    assert load_settings({}, tmp_path).runtime == "docker"
+    assert load_settings({"DESKTOP_GATEWAY_RUNTIME": "Swarm"}, tmp_path).runtime == "swarm"
+    with pytest.raises(SettingsError, match=r"RUNTIME: docker \(containers on .* or swarm .*'kubernetes'"):
+        load_settings({"DESKTOP_GATEWAY_RUNTIME": "kubernetes"}, tmp_path)
+
+
 def test_no_types_file_means_no_types() -> None:
     """``load_desktop_types(None)`` is an empty set of types, not an error."""
     assert load_desktop_types(None) == {}
@@ -368,6 +401,13 @@ def test_no_types_file_means_no_types() -> None:
         ({"title": "T", "image": 5}, "image must be a string"),
         ({"title": "T", "endpoint": "wss://pc:6901/", "password": 1234}, "password must be a string"),
         ({"title": "T", "endpoint": "wss://pc:6901/", "description": ["x"]}, "description must be a string"),
+        ({"title": "T", "image": "i", "constraints": "node.role == manager"}, "constraints is a list"),
+        ({"title": "T", "image": "i", "constraints": ["gpu = true"]}, "constraints is a list"),
+        ({"title": "T", "image": "i", "constraints": ["node.labels.gpu =="]}, "constraints is a list"),
+        ({"title": "T", "image": "i", "reservations": {"gpus": 1}}, "reservations is a table"),
+        ({"title": "T", "image": "i", "reservations": {}}, "reservations is a table"),
+        ({"title": "T", "image": "i", "reservations": {"cpus": -1}}, "reservations.cpus"),
+        ({"title": "T", "endpoint": "wss://pc:6901/", "constraints": []}, "only apply to image types"),
     ],
 )
 def test_bad_type_table_refused(table: dict[str, object], expected: str) -> None:

@@ -139,3 +139,36 @@ def string_list(raw: object) -> list[str]:
     if not isinstance(raw, list):
         return []
     return sorted({r.strip()[:100] for r in raw if isinstance(r, str) and r.strip()})
+
+
+def may_watch(watcher: Person, owner: Person, group: str | None = None) -> Decision:
+    """Whether ``watcher`` may see ``owner``'s desktop, view-only (and, given ``group``, as its teacher).
+
+    Admins may watch every desktop; a teacher a student's with whom they share a group (the named one,
+    when the class overview names it). Never another teacher's or an admin's: watching is for a lesson.
+    """
+    if watcher.blocked:
+        return Decision(False, "Your account is blocked. Ask the school's IT.")
+    if watcher.role is Role.ADMIN:
+        return Decision(True, "Admins may watch every desktop.")
+    if watcher.role is not Role.TEACHER:
+        return Decision(False, "Only teachers may watch a desktop.")
+    if owner.role is not Role.STUDENT:
+        return Decision(False, "Teachers may watch only their students' desktops.")
+    shared = watcher.groups & owner.groups
+    if group is not None:
+        shared &= {group.lower()}
+    if not shared:
+        return Decision(False, "Teachers may watch only the desktops of students in their groups.")
+    return Decision(True, f"You teach the group {sorted(shared)[0]}.")
+
+
+def may_teach(person: Person, group: str) -> Decision:
+    """Whether ``person`` may see the class overview of ``group``: its teachers, and admins."""
+    if person.blocked:
+        return Decision(False, "Your account is blocked. Ask the school's IT.")
+    if person.role is Role.ADMIN:
+        return Decision(True, "Admins may see every class.")
+    if person.role is Role.TEACHER and group.lower() in person.groups:
+        return Decision(True, f"You teach the group {group.lower()}.")
+    return Decision(False, "Only the group's teachers may see its class overview.")

@@ -19,16 +19,22 @@ from desktop_gateway.logs import redact_access_logs
 from desktop_gateway.settings import Settings, load_settings
 from desktop_gateway.web import (
     admin,
+    admin_audit,
+    admin_grants,
     admin_pages,
+    admin_types,
     api,
     assets,
+    class_pages,
     file_pages,
     home,
     i18n,
+    icons,
     language,
     pages,
     scrape,
     signin_pages,
+    static,
 )
 from desktop_gateway.web.authn import BrowserIdentity
 from desktop_gateway.web.problems import problem
@@ -47,21 +53,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.gateway = gateway  # for tests and embedding; requests use the lifespan state
             yield {"gateway": gateway}
 
-    websockify = Websockify()
+    websockify, watch = Websockify(), Websockify(watch=True)
     routes = [
         *api.routes,
         *admin.routes,
         *home.routes,
         *file_pages.routes,
         *admin_pages.routes,
+        *admin_types.routes,
+        *admin_grants.routes,
+        *admin_audit.routes,
+        *class_pages.routes,
         *signin_pages.routes(settings),
         *pages.routes,
         *language.routes,
         *scrape.routes,
+        *icons.routes,
+        *static.routes,
         Route("/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/websockify", websockify),
         Route("/desktop/{name}/websockify", websockify, methods=["GET"]),
         WebSocketRoute("/desktop/{name}/websockify", websockify),
+        Route("/watch/{name}/websockify", watch, methods=["GET"]),
+        WebSocketRoute("/watch/{name}/websockify", watch),
         Route("/desktop/{name}/{path:path}", assets.desktop_asset, methods=["GET", "HEAD"]),
     ]
     return Starlette(

@@ -76,6 +76,8 @@ NOT_ALLOWED_TYPE = Close(
 )
 
 
+NOT_WATCHER = Close(Code.POLICY_VIOLATION, "You may not watch this desktop.")
+NOT_WATCHABLE = Close(Code.POLICY_VIOLATION, "This desktop cannot be watched: it has no view-only account.")
 DESKTOP_STOPPED = Close(Code.GOING_AWAY, "The desktop was stopped.")
 GATEWAY_GOING_AWAY = Close(Code.GOING_AWAY, "The gateway is restarting. Reconnect in a moment.")
 UNREACHABLE = Close(Code.INTERNAL_ERROR, "The desktop cannot be reached right now.")

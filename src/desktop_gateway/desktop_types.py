@@ -2,6 +2,12 @@
 
 One table per type, ``[desktop_types.<name>]``, with a ``title`` and either an ``image`` (a container the
 gateway runs) or an ``endpoint`` (a KasmVNC desktop that already runs elsewhere, e.g. a lab machine).
+``constraints`` and ``reservations`` say where Docker Swarm may place an image type's desktops
+(``DESKTOP_GATEWAY_RUNTIME=swarm``); one Docker engine has nowhere else to put them and ignores both.
+
+A type's optional ``icon`` is one of the simple icons shipped in the package (``icons/``) or an image file
+on the gateway's machine; either is served by the gateway itself (``/static/...``), since its pages load
+nothing from other sites.
 """
 
 from __future__ import annotations
@@ -16,12 +22,21 @@ from urllib.parse import urlsplit
 
 from desktop_gateway.access import ROLES, TypeRule
 from desktop_gateway.db.models import Role
-from desktop_gateway.runtime import Mount
+from desktop_gateway.runtime import Mount, Reservations
 
 TYPE_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 MAX_TYPE_NAME = 40
-_IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts"}
+_IMAGE_KEYS = {"memory", "cpus", "shm_size", "env", "mounts", "constraints", "reservations"}
+# Swarm's placement constraint: an attribute (node.labels.gpu, node.role, engine.labels.x, ...), == or !=,
+# a value.
+CONSTRAINT = re.compile(r"(node|engine)\.[A-Za-z0-9_.-]+\s*(==|!=)\s*\S+")
 _RULE_KEYS = {"allowed_roles", "allowed_groups"}
+ICONS_DIR = Path(__file__).with_name("icons")
+BUILTIN_ICONS = tuple(sorted(p.stem for p in ICONS_DIR.glob("*.svg")))
+# An icon file of the admin's own: a picture format browsers show in <img>, and small (a card shows it
+# at 48 pixels).
+ICON_TYPES = {".svg": "image/svg+xml", ".png": "image/png", ".webp": "image/webp"}
+MAX_ICON_BYTES = 256 * 1024
 
 
 class DesktopTypesError(Exception):
@@ -42,7 +57,20 @@ class DesktopType:
     shm_size: int = 512 * 1024 * 1024
     env: MappingProxyType[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     mounts: tuple[Mount, ...] = ()
+    constraints: tuple[str, ...] = ()
+    reservations: Reservations | None = None
     rule: TypeRule = dataclasses.field(default_factory=TypeRule)
+    icon: str | None = None  # a built-in icon's name, or None
+    icon_file: Path | None = None  # the admin's own icon file, or None
+
+    @property
+    def icon_url(self) -> str | None:
+        """Where the gateway serves the type's icon (see ``web/static.py``), or None without one."""
+        if self.icon is not None:
+            return f"/static/icons/{self.icon}.svg"
+        if self.icon_file is not None:
+            return f"/static/types/{self.name}/icon{self.icon_file.suffix.lower()}"
+        return None
 
     @property
     def is_static(self) -> bool:
@@ -50,7 +78,10 @@ class DesktopType:
         return self.endpoint is not None
 
 
-def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -> dict[str, DesktopType]:
+def parse_desktop_types(
+    data: dict[str, Any], source: str = "<desktop types>", base: Path | None = None
+) -> dict[str, DesktopType]:
+    """``base``: the directory an icon file's relative path starts from (the types file's)."""
     tables = data.get("desktop_types", {})
     unknown = set(data) - {"desktop_types"}
     if unknown:
@@ -72,7 +103,7 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             raise DesktopTypesError(f"{where}: must be a table")
         unknown = (
             set(table)
-            - {"title", "description", "image", "endpoint", "username", "password"}
+            - {"title", "description", "image", "endpoint", "username", "password", "icon"}
             - _IMAGE_KEYS
             - _RULE_KEYS
         )
@@ -88,7 +119,7 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             parts = urlsplit(str(endpoint))
             if parts.scheme not in ("wss", "ws") or not parts.hostname:
                 raise DesktopTypesError(f"{where}: endpoint must be a wss:// address like wss://lab-pc:6901/")
-        for key in ("description", "image", "endpoint", "username", "password"):
+        for key in ("description", "image", "endpoint", "username", "password", "icon"):
             if key in table and not isinstance(table[key], str):
                 raise DesktopTypesError(f"{where}: {key} must be a string")
         if endpoint is not None and set(table) & _IMAGE_KEYS:
@@ -107,9 +138,30 @@ def parse_desktop_types(data: dict[str, Any], source: str = "<desktop types>") -
             shm_size=_size(table.get("shm_size", "512m"), f"{where}: shm_size"),
             env=MappingProxyType(_env(table.get("env", {}), where)),
             mounts=_mounts(table.get("mounts", []), where),
+            constraints=_constraints(table.get("constraints", []), where),
+            reservations=_reservations(table["reservations"], where) if "reservations" in table else None,
             rule=_rule(table, where),
+            **_icon(table.get("icon"), where, base or Path.cwd()),
         )
     return types
+
+
+def _icon(value: str | None, where: str, base: Path) -> dict[str, Any]:
+    """``icon``: a built-in icon's name, or the path of an image file (relative to ``base``), never
+    another site's address (the pages' policy would not load it, and it would tell that site who looks)."""
+    if value is None:
+        return {}
+    if value in BUILTIN_ICONS:
+        return {"icon": value}
+    choices = f"one of {', '.join(BUILTIN_ICONS)}, or the path of an image file (SVG, PNG or WebP)"
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:|^//", value):
+        raise DesktopTypesError(f"{where}: icon must be {choices} on the gateway, not an address")
+    path = base / value
+    if path.suffix.lower() not in ICON_TYPES or not path.is_file():
+        raise DesktopTypesError(f"{where}: icon must be {choices}; {value!r} is neither")
+    if path.stat().st_size > MAX_ICON_BYTES:
+        raise DesktopTypesError(f"{where}: icon {value!r} is over {MAX_ICON_BYTES // 1024} KiB")
+    return {"icon_file": path.resolve()}
 
 
 def _rule(table: dict[str, Any], where: str) -> TypeRule:
@@ -181,6 +233,31 @@ def _mounts(value: object, where: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def _constraints(value: object, where: str) -> tuple[str, ...]:
+    """Swarm placement constraints, e.g. ``["node.labels.gpu == true"]``: every one must hold."""
+    if not isinstance(value, list) or not all(
+        isinstance(c, str) and CONSTRAINT.fullmatch(c.strip()) for c in value
+    ):
+        raise DesktopTypesError(
+            f'{where}: constraints is a list of Swarm placement constraints like "node.labels.gpu == true" '
+            f'or "node.role != manager" (an attribute, == or !=, a value), got {value!r}'
+        )
+    return tuple(" ".join(c.split()) for c in value)
+
+
+def _reservations(value: object, where: str) -> Reservations:
+    """What a Swarm node must have free for the type's desktop: ``{ memory = "2g", cpus = 1 }``."""
+    if not isinstance(value, dict) or not value or not set(value) <= {"memory", "cpus"}:
+        raise DesktopTypesError(
+            f'{where}: reservations is a table with memory and/or cpus, e.g. {{ memory = "2g", cpus = 1 }}, '
+            f"got {value!r}"
+        )
+    return Reservations(
+        memory=_size(value["memory"], f"{where}: reservations.memory") if "memory" in value else None,
+        nano_cpus=_cpus(value["cpus"], f"{where}: reservations.cpus") if "cpus" in value else None,
+    )
+
+
 def load_desktop_types(path: Path | None) -> dict[str, DesktopType]:
     if path is None:
         return {}
@@ -191,4 +268,4 @@ def load_desktop_types(path: Path | None) -> dict[str, DesktopType]:
         raise DesktopTypesError(f"{path}: cannot be read ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise DesktopTypesError(f"{path}: not valid TOML ({exc})") from exc
-    return parse_desktop_types(data, str(path))
+    return parse_desktop_types(data, str(path), path.parent)

@@ -27,6 +27,9 @@ from desktop_gateway.desktop_types import DesktopType
 from desktop_gateway.grants import decide, person_of
 from desktop_gateway.upstream import Target
 
+# KasmVNC's view-only account: whatever its client sends as input, the desktop ignores.
+VIEW_ONLY_USER = "kasm_viewer"
+
 USERNAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
@@ -464,6 +467,7 @@ def set_state(desktop: Desktop, state: DesktopState, reason: str | None = None) 
         desktop.host_port = None
         desktop.endpoint = None
         desktop.vnc_password = None
+        desktop.vnc_view_only_password = None
         desktop.stopped_at = utcnow()
         desktop.failure_reason = reason if state == DesktopState.FAILED else None
     elif state == DesktopState.RUNNING:
@@ -508,6 +512,30 @@ async def find_by_name(db: AsyncConnection | AsyncSession, name: str) -> RelayTa
     return RelayTarget(
         desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target, desktop.desktop_type
     )
+
+
+async def find_for_watching(db: AsyncSession, name: str) -> tuple[RelayTarget, User] | None:
+    """The desktop called ``name`` as a watcher reaches it (its view-only account), and its owner.
+
+    The target is None while the desktop is not running or has no view-only account (an endpoint type,
+    or a desktop started before the gateway made one).
+    """
+    row = (
+        await db.execute(
+            select(Desktop, User).join(User, User.id == Desktop.user_id).where(Desktop.name == name)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    desktop, owner = row
+    target = None
+    if desktop.endpoint is not None and desktop.vnc_view_only_password is not None:
+        password = desktop.vnc_view_only_password
+        target = Target(url=desktop.endpoint, username=VIEW_ONLY_USER, password=password)
+    found = RelayTarget(
+        desktop.id, desktop.name, desktop.user_id, DesktopState(desktop.state), target, desktop.desktop_type
+    )
+    return found, owner
 
 
 async def touch(db: AsyncSession, desktop_id: str, when: dt.datetime) -> None:

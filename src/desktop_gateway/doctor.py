@@ -27,7 +27,8 @@ from desktop_gateway.db import schema
 from desktop_gateway.db.engine import create_engine, session_factory
 from desktop_gateway.db.models import Desktop, DesktopState
 from desktop_gateway.desktop_types import DesktopType, load_desktop_types
-from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime import RuntimeFailure
+from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.settings import Settings
 
 STEP_TIMEOUT = 5.0  # seconds for each network step: a healthy one takes milliseconds
@@ -149,7 +150,7 @@ async def database(settings: Settings) -> tuple[list[Check], list[Desktop], int]
 
 async def docker(settings: Settings, types: dict[str, DesktopType]) -> list[Check]:
     images = sorted({t.image for t in types.values() if t.image is not None})
-    runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+    runtime = open_runtime(settings)
     try:
         try:
             async with asyncio.timeout(STEP_TIMEOUT * 2):
@@ -170,6 +171,20 @@ async def docker(settings: Settings, types: dict[str, DesktopType]) -> list[Chec
                     "(e.g. the docker group)",
                 )
             ]
+        if images:
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT * 2):
+                    await runtime.list()
+            except RuntimeFailure as exc:  # it answers, but refuses what every start needs
+                return [
+                    fail(
+                        "docker",
+                        f"the Docker engine {version} at {settings.docker_url} answers but refuses to list "
+                        f"the desktops: {exc}",
+                        "point DESKTOP_GATEWAY_DOCKER_URL at an engine that can run them (with "
+                        "DESKTOP_GATEWAY_RUNTIME=swarm: a manager node of the swarm)",
+                    )
+                ]
         checks = [ok("docker", f"Docker engine {version} at {settings.docker_url}")]
         for image in images:
             if await runtime.has_image(image):

@@ -26,9 +26,10 @@ from desktop_gateway.identity import SessionCodec, SessionUsage
 from desktop_gateway.launch import LaunchTokens
 from desktop_gateway.launcher import Launcher
 from desktop_gateway.notices import Listener
+from desktop_gateway.pulls import ImagePulls
 from desktop_gateway.relayhub import RelayHub
-from desktop_gateway.runtime import ContainerRuntime
-from desktop_gateway.runtime.docker import DockerRuntime
+from desktop_gateway.runtime import ContainerRuntime, RuntimeFailure
+from desktop_gateway.runtime.choose import open_runtime
 from desktop_gateway.runtime.volumes import Volumes
 from desktop_gateway.sessionwatch import NOTICED_WATCH_INTERVAL, WATCH_INTERVAL, watch_sessions
 from desktop_gateway.settings import Settings
@@ -70,6 +71,7 @@ class Gateway:
     listener: Listener | None = None
     listening: asyncio.Task[None] | None = None
     presence: peers.FilePresence | None = None
+    pulls: ImagePulls = dataclasses.field(default_factory=ImagePulls)
 
     @property
     def has_image_types(self) -> bool:
@@ -130,7 +132,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             await db.commit()
         database_file = sqlite_file(settings.database_url.reveal())
         hub, events, audit = RelayHub(), DesktopEvents(), AuditLog(sessions, sqlite_file=database_file)
-        runtime = DockerRuntime(settings.docker_url, settings.instance, settings.docker_tls_context())
+        runtime = open_runtime(settings)
         files = Files(
             Volumes(settings.docker_url, settings.instance, settings.docker_tls_context()),
             settings.instance,
@@ -164,9 +166,12 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
         wake = asyncio.Event()
         try:
             if maintain and gateway.has_image_types and await gateway.docker_reachable():
-                async with peers.reconcile_turn(sessions, settings.instance) as ours:
-                    if ours:
-                        await gateway.launcher.reconcile()
+                try:
+                    async with peers.reconcile_turn(sessions, settings.instance) as ours:
+                        if ours:
+                            await gateway.launcher.reconcile()
+                except RuntimeFailure as exc:  # the maintenance tries again and says so
+                    log.warning("could not reconcile with the desktops' engine: %s", exc)
             if maintain:
                 gateway.maintenance = asyncio.create_task(gateway.launcher.maintain(), name="maintenance")
                 await take_part(gateway, wake)
@@ -192,6 +197,7 @@ async def open_gateway(settings: Settings, maintain: bool = True) -> AsyncIterat
             if gateway.presence is not None:
                 gateway.presence.close()
             await gateway.launcher.close()
+            await gateway.pulls.close()
             await gateway.going_away()
             await gateway.audit.close()
             await gateway.key_usage.close()

@@ -153,18 +153,18 @@ class Launcher:
             await self.runtime.ensure_image(
                 desktop_type.image, lambda line: self.events.publish(desktop_id, "pull", line, "starting")
             )
-            password = secrets.token_urlsafe(24)
+            password, view_only_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
             mounts = await self._space_mounts(user, desktop_type.image)
-            container_id, port = await self._create(desktop_id, name, user, desktop_type, password, mounts)
-            endpoint = f"wss://{self.settings.container_host}:{port}/"
+            container_id, port = await self._create(
+                desktop_id, name, user, desktop_type, password, view_only_password, mounts
+            )
+            host = await self.runtime.locate(container_id)
+            endpoint = f"wss://{host}:{port}/"
             async with self.sessions() as db:
                 desktop, _ = await desktops.load(db, desktop_id)
-                desktop.container_id, desktop.host, desktop.endpoint = (
-                    container_id,
-                    self.settings.container_host,
-                    endpoint,
-                )
+                desktop.container_id, desktop.host, desktop.endpoint = container_id, host, endpoint
                 desktop.vnc_username, desktop.vnc_password = "kasm_user", password
+                desktop.vnc_view_only_password = view_only_password
                 await db.commit()
             self.events.publish(desktop_id, "wait", "waiting for the desktop to answer", "starting")
             await self._wait_ready(container_id, Target(endpoint, "kasm_user", password))
@@ -221,6 +221,7 @@ class Launcher:
         user: str,
         desktop_type: DesktopType,
         password: str,
+        view_only_password: str,
         space_mounts: Sequence[Mount] = (),
     ) -> tuple[str, int]:
         """Allocate a port and start the container on it; another port if Docker finds it taken."""
@@ -232,7 +233,7 @@ class Launcher:
             spec = ContainerSpec(
                 name=container_name(self.settings.instance, name),
                 image=desktop_type.image,
-                env={**desktop_type.env, "VNC_PW": password},
+                env={**desktop_type.env, "VNC_PW": password, "VNC_VIEW_ONLY_PW": view_only_password},
                 labels={
                     LABEL_MANAGED: "true",
                     LABEL_INSTANCE: self.settings.instance,
@@ -247,6 +248,8 @@ class Launcher:
                 nano_cpus=desktop_type.nano_cpus,
                 shm_size=desktop_type.shm_size,
                 mounts=(*desktop_type.mounts, *space_mounts),
+                constraints=desktop_type.constraints,
+                reservations=desktop_type.reservations,
             )
             try:
                 container_id = await self.runtime.start(spec)
@@ -501,6 +504,8 @@ class Launcher:
         now_wall, now_mono = utcnow(), time.monotonic()
         latest: dict[str, dt.datetime] = {}
         for handle in self.hub:
+            if handle.watching:  # a watcher's relay carries no input; opening one is not the owner's use
+                continue
             when = now_wall - dt.timedelta(seconds=now_mono - handle.last_input)
             if handle.desktop_id not in latest or latest[handle.desktop_id] < when:
                 latest[handle.desktop_id] = when

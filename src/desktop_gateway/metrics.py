@@ -51,12 +51,20 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROCESS = bool(os.environ.get(MULTIPROC_ENV))
 
 DatabaseOperation = Literal["identify", "find_desktop", "decide_access"]
-DockerOperation = Literal["start", "stop", "inspect", "list", "ping", "ensure_image"]
+DockerOperation = Literal["start", "stop", "inspect", "list", "ping", "ensure_image", "locate"]
 StartFailure = Literal["pull", "not_ready", "no_port", "docker", "other"]
 SignInMethod = Literal["provider", "dev", "launch"]
 
 DATABASE_OPERATIONS: tuple[DatabaseOperation, ...] = ("identify", "find_desktop", "decide_access")
-DOCKER_OPERATIONS: tuple[DockerOperation, ...] = ("start", "stop", "inspect", "list", "ping", "ensure_image")
+DOCKER_OPERATIONS: tuple[DockerOperation, ...] = (
+    "start",
+    "stop",
+    "inspect",
+    "list",
+    "ping",
+    "ensure_image",
+    "locate",
+)
 START_FAILURES: tuple[StartFailure, ...] = ("pull", "not_ready", "no_port", "docker", "other")
 SIGN_IN_METHODS: tuple[SignInMethod, ...] = ("provider", "dev", "launch")
 # How a relay ended when the gateway itself failed (a bug): beside relay.EndedBy's values.

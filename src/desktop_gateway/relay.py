@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, PayloadTooBig, ProtocolError
 from desktop_gateway import closepolicy
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.relayhub import RelayHandle
+from desktop_gateway.rfbinput import NotViewOnly, ViewOnlyFilter
 from desktop_gateway.upstream import MAX_FRAME
 
 
@@ -72,6 +73,7 @@ MAX_BROWSER_MESSAGE = 1024 * 1024
 PROTOCOL_ERROR = Close(closepolicy.Code.PROTOCOL_ERROR, "The desktop broke the WebSocket protocol.")
 TOO_BIG = Close(closepolicy.Code.MESSAGE_TOO_BIG, "The desktop sent a message that is too big.")
 BROWSER_TOO_BIG = Close(closepolicy.Code.MESSAGE_TOO_BIG, "The browser sent a message that is too big.")
+NOT_VIEW_ONLY = Close(closepolicy.Code.POLICY_VIOLATION, "A view-only connection cannot send that.")
 
 
 async def close_browser(websocket: WebSocket, close: Close) -> None:
@@ -120,6 +122,34 @@ async def _browser_to_container(
                 await send(view[start : start + MAX_FRAME])
 
 
+async def _viewer_to_container(
+    websocket: WebSocket, upstream: ClientConnection, handle: RelayHandle, view_only: ViewOnlyFilter
+) -> BrowserGone:
+    """Carry a view-only browser's messages to the desktop without their input (see :mod:`rfbinput`).
+
+    A pump of its own, so that the owner's relays pay nothing for it. Raises ``ConnectionClosed`` when
+    the desktop's side ended first.
+    """
+    receive, send = websocket.receive, upstream.send
+    while True:
+        message = await receive()
+        data: bytes | None = message.get("bytes")
+        if data is None:
+            if message["type"] == "websocket.disconnect":
+                return BrowserGone(message.get("code"), message.get("reason") or "")
+            data = (message.get("text") or "").encode()
+        if len(data) > MAX_BROWSER_MESSAGE:
+            return BrowserGone(BROWSER_TOO_BIG.code, BROWSER_TOO_BIG.reason, BROWSER_TOO_BIG)
+        try:
+            passed = view_only.feed(data)
+        except NotViewOnly:
+            return BrowserGone(NOT_VIEW_ONLY.code, NOT_VIEW_ONLY.reason, NOT_VIEW_ONLY)
+        handle.bytes_up += len(passed)
+        view = memoryview(passed)
+        for start in range(0, len(view), MAX_FRAME):
+            await send(view[start : start + MAX_FRAME])
+
+
 async def _container_to_browser(
     upstream: ClientConnection, websocket: WebSocket, handle: RelayHandle
 ) -> None:
@@ -141,13 +171,18 @@ async def relay(
     upstream: ClientConnection,
     handle: RelayHandle,
     still_running: Callable[[], Awaitable[bool]],
+    view_only: ViewOnlyFilter | None = None,
 ) -> Outcome:
     """Relay until one side ends or the desktop is stopped, then close the other; return what happened.
 
+    With ``view_only``, the browser's input is taken out on the way (a watcher's relay).
     Cancelling this coroutine (the loop shutting down) cancels both pumps and closes the container leg
     with 1001; the browser's server closes its side.
     """
-    up = asyncio.create_task(_browser_to_container(websocket, upstream, handle))
+    if view_only is None:
+        up = asyncio.create_task(_browser_to_container(websocket, upstream, handle))
+    else:
+        up = asyncio.create_task(_viewer_to_container(websocket, upstream, handle, view_only))
     down = asyncio.create_task(_container_to_browser(upstream, websocket, handle))
     try:
         await asyncio.wait((up, down, handle.stopped), return_when=asyncio.FIRST_COMPLETED)

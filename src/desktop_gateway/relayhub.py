@@ -19,6 +19,7 @@ class RelayHandle:
     desktop_name: str
     username: str
     session_id: str
+    watching: bool = False  # a view-only watcher's relay: not the owner's, never input
     started: float = dataclasses.field(default_factory=time.monotonic)
     last_input: float = dataclasses.field(default_factory=time.monotonic)
     bytes_up: int = 0

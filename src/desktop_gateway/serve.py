@@ -32,6 +32,7 @@ from desktop_gateway.desktop_types import load_desktop_types
 from desktop_gateway.gateway import SchemaOutdated, all_going_away, open_gateway, prepare_database
 from desktop_gateway.logs import setup_logging
 from desktop_gateway.relay import MAX_BROWSER_MESSAGE
+from desktop_gateway.runtime import RuntimeFailure
 from desktop_gateway.settings import Settings, load_settings
 
 log = logging.getLogger("desktop_gateway")
@@ -209,7 +210,12 @@ def _announce(settings: Settings, host: str, port: int, workers: int) -> None:
         else "",
     )
     log.info("secret key: %s", settings.secret_key_source)
-    log.info("docker: %s; desktops are dialled at %s", settings.docker_url, settings.container_host)
+    log.info(
+        "%s: %s; desktops are dialled at %s",
+        "docker swarm (manager)" if settings.runtime == "swarm" else "docker",
+        settings.docker_url,
+        settings.container_host if settings.runtime == "docker" else "their node's address",
+    )
     if types:
         log.info("desktop types from %s: %s", settings.desktop_types_file, ", ".join(sorted(types)))
     else:
@@ -243,6 +249,11 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
         asyncio.run(_prepare(settings))
     except SchemaOutdated as exc:
         print(f"desktop-gateway: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeFailure as exc:  # the engine answers but refuses (e.g. Swarm on a node that is no manager)
+        print(
+            f"desktop-gateway: the desktops' engine at {settings.docker_url} refuses: {exc}", file=sys.stderr
+        )
         return 2
     raise_open_file_limit(settings.max_connections)
     config = uvicorn_config(settings, host, port, workers)

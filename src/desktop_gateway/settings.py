@@ -25,6 +25,7 @@ PREFIX = "DESKTOP_GATEWAY_"
 DEFAULT_SQLITE_FILE = "desktop-gateway.db"
 DEFAULT_SECRET_FILE = "desktop-gateway.secret"  # noqa: S105 (a file name)
 DEFAULT_TYPES_FILE = "desktop-types.toml"
+RUNTIMES = ("docker", "swarm")  # what runs the desktops: one Docker engine, or a Docker Swarm
 
 
 class SettingsError(Exception):
@@ -108,6 +109,7 @@ class Settings:
     teacher_groups: frozenset[str] = frozenset()
     dev_login: bool = False
     metrics_token: Secret | None = None
+    runtime: str = "docker"
     files_image: str | None = None
     max_upload: int = 100 * 1024 * 1024
     files_quota: int = 1024 * 1024 * 1024
@@ -264,6 +266,16 @@ def _metrics_token(env: Mapping[str, str], errors: list[str]) -> Secret | None:
     return Secret(raw)
 
 
+def _runtime(env: Mapping[str, str], errors: list[str]) -> str:
+    raw = (env.get(PREFIX + "RUNTIME", "") or "docker").strip().lower()
+    if raw not in RUNTIMES:
+        errors.append(
+            f"{PREFIX}RUNTIME: docker (containers on the Docker engine at {PREFIX}DOCKER_URL) or swarm "
+            f"(services on the Docker Swarm whose manager that engine is), got {raw!r}"
+        )
+    return raw
+
+
 def _flag(env: Mapping[str, str], name: str, errors: list[str]) -> bool:
     raw = env.get(PREFIX + name, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -376,6 +388,7 @@ def load_settings(env: Mapping[str, str] | None = None, workdir: Path | None = N
         teacher_groups=_names(env, "TEACHER_GROUPS"),
         dev_login=_flag(env, "DEV_LOGIN", errors),
         metrics_token=_metrics_token(env, errors),
+        runtime=_runtime(env, errors),
         files_image=env.get(PREFIX + "FILES_IMAGE", "") or None,
         max_upload=_int(env, "MAX_UPLOAD", 100 * 1024 * 1024, errors),
         files_quota=_int(env, "FILES_QUOTA", 1024 * 1024 * 1024, errors, minimum=0),

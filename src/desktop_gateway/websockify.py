@@ -7,28 +7,34 @@ because a refused handshake reaches noVNC as a bare 1006 that says nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from desktop_gateway import closepolicy, desktops, grants, logs, metrics, upstream
+from desktop_gateway import access, closepolicy, desktops, grants, logs, metrics, upstream, watches
 from desktop_gateway.access import Decision
 from desktop_gateway.closepolicy import Close
 from desktop_gateway.db.models import DesktopState
 from desktop_gateway.gateway import Gateway
+from desktop_gateway.grants import person_of
 from desktop_gateway.identity import Identity
 from desktop_gateway.origins import origin_allowed
 from desktop_gateway.relay import EndedBy, Outcome, close_browser, relay
 from desktop_gateway.relayhub import RelayHandle
+from desktop_gateway.rfbinput import ViewOnlyFilter
 
 log = logging.getLogger("desktop_gateway.relay")
 
+# Relays one person may hold to others' desktops on top of their own: a class's thumbnails, twice over.
+WATCHES_PER_PERSON = 64
 WEBSOCKET_ONLY = (
     "This endpoint is for WebSocket connections only. Open your desktop from the school portal instead.\n"
 )
@@ -54,7 +60,13 @@ def desktop_name(scope: Scope, headers: Headers) -> str | None:
 
 
 class Websockify:
-    """The ASGI app behind the WebSocket routes (and their plain-HTTP 426 answer)."""
+    """The ASGI app behind the WebSocket routes (and their plain-HTTP 426 answer).
+
+    ``watch``: the routes for watching someone else's desktop, view-only.
+    """
+
+    def __init__(self, watch: bool = False) -> None:
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -63,7 +75,7 @@ class Websockify:
         websocket = WebSocket(scope, receive, send)
         if (await websocket.receive())["type"] != "websocket.connect":
             return
-        await _serve(scope["state"]["gateway"], websocket)
+        await _serve(scope["state"]["gateway"], websocket, self.watch)
 
 
 async def _upgrade_required(send: Send) -> None:
@@ -91,7 +103,7 @@ async def _refuse(websocket: WebSocket, close: Close) -> None:
     await close_browser(websocket, close)
 
 
-async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
+async def _serve(gateway: Gateway, websocket: WebSocket, watch: bool) -> None:
     scope = websocket.scope
     headers = websocket.headers
     identity: Identity | None = scope.get("identity")
@@ -123,6 +135,9 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         return
     if name is None:
         await deny(closepolicy.NO_DESKTOP_NAMED, "no desktop named by path, query or referer")
+        return
+    if watch:
+        await _watch(gateway, websocket, identity, name, deny)
         return
     found, decision = await _look_up(gateway, name, identity)
     if found is None:
@@ -159,6 +174,81 @@ async def _serve(gateway: Gateway, websocket: WebSocket) -> None:
         gateway.hub.discard(handle)
 
 
+async def _watch(
+    gateway: Gateway,
+    websocket: WebSocket,
+    identity: Identity,
+    name: str,
+    deny: Callable[[Close, str], Awaitable[None]],
+) -> None:
+    """Relay a teacher (or admin) to a student's desktop through its view-only account, input removed,
+    while a row says so to the student's viewer."""
+    query = parse_qs(websocket.scope.get("query_string", b"").decode("latin-1"))
+    group = (query.get("group") or [None])[0]
+    async with gateway.sessions() as db:
+        row = await desktops.find_for_watching(db, name)
+    if row is None:
+        # The same sentence as for a refusal: whether a desktop of that name exists is not to be probed.
+        await deny(closepolicy.NOT_WATCHER, "no desktop of that name")
+        return
+    found, owner = row
+    decision = access.may_watch(identity.person, person_of(owner), group)
+    if not decision.allowed:
+        await deny(closepolicy.NOT_WATCHER, f"may not watch: {decision.why}")
+        return
+    if found.state == DesktopState.STARTING:
+        await deny(closepolicy.STILL_STARTING, "desktop is still starting")
+        return
+    if found.state != DesktopState.RUNNING:
+        await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
+        return
+    if found.target is None:
+        await deny(closepolicy.NOT_WATCHABLE, "desktop has no view-only account")
+        return
+    handle = RelayHandle(
+        desktop_id=found.desktop_id,
+        desktop_name=found.name,
+        username=identity.username,
+        session_id=identity.session_id,
+        watching=True,
+    )
+    limit = gateway.settings.max_relays_per_user + WATCHES_PER_PERSON
+    if not gateway.hub.add(handle, limit):
+        await deny(closepolicy.TOO_MANY_CONNECTIONS, f"already {limit} connections open")
+        return
+    try:
+        async with gateway.sessions() as db:
+            watch_id = await watches.begin(db, found.desktop_id, identity.user_id)
+            await db.commit()
+    except BaseException:
+        gateway.hub.discard(handle)
+        raise
+    gateway.audit.record("watch", identity.username, found.name, f"owner {owner.username}")
+    renewing = asyncio.create_task(_renew(gateway, watch_id), name="watch renewal")
+    try:
+        await _dial_and_relay(gateway, websocket, found, found.target, identity, handle, ViewOnlyFilter())
+    finally:
+        renewing.cancel()
+        gateway.hub.discard(handle)
+        gateway.audit.record("watch-end", identity.username, found.name, f"owner {owner.username}")
+        with contextlib.suppress(Exception):  # the database may be away: the row then ages out
+            async with gateway.sessions() as db:
+                await watches.end(db, watch_id)
+                await db.commit()
+
+
+async def _renew(gateway: Gateway, watch_id: int) -> None:
+    """Renew a watch's row while its relay runs (until cancelled); a failed renewal is tried again."""
+    while True:
+        await asyncio.sleep(watches.RENEW)
+        try:
+            async with gateway.sessions() as db:
+                await watches.renew(db, watch_id)
+                await db.commit()
+        except Exception as exc:
+            log.warning("could not renew a watch: %s", type(exc).__name__)
+
+
 async def _dial_and_relay(
     gateway: Gateway,
     websocket: WebSocket,
@@ -166,6 +256,7 @@ async def _dial_and_relay(
     target: upstream.Target,
     identity: Identity,
     handle: RelayHandle,
+    view_only: ViewOnlyFilter | None = None,
 ) -> None:
     """Open the container leg, accept the browser with its subprotocol, relay, and log the end once."""
     scope, headers = websocket.scope, websocket.headers
@@ -219,7 +310,7 @@ async def _dial_and_relay(
             def still_running() -> Awaitable[bool]:
                 return gateway.launcher.still_running(desktop_id)
 
-            outcome = await relay(websocket, conn, handle, still_running)
+            outcome = await relay(websocket, conn, handle, still_running, view_only)
         finally:
             metrics.relay_closed(handle.bytes_up, handle.bytes_down)
     except Exception as exc:

@@ -125,6 +125,8 @@ class Desktop(Base):
     endpoint: Mapped[str | None] = mapped_column(String(300))
     vnc_username: Mapped[str] = mapped_column(String(64), default="kasm_user")
     vnc_password: Mapped[str | None] = mapped_column(String(128))
+    # The desktop's view-only account (KasmVNC's kasm_viewer), for a teacher watching; None: not watchable.
+    vnc_view_only_password: Mapped[str | None] = mapped_column(String(128))
     failure_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -201,3 +203,18 @@ class TypeGrant(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(100))
+
+
+class Watch(Base):
+    """Someone watching a desktop, view-only: open while ``ended_at`` is None and ``seen_at`` is recent
+    (the relay renews it; a gateway that died cannot close its rows). The owner's viewer shows it, so
+    every gateway (they share the database) must see the same."""
+
+    __tablename__ = "watches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    desktop_id: Mapped[str] = mapped_column(ForeignKey("desktops.id", ondelete="CASCADE"), index=True)
+    watcher_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -1,6 +1,7 @@
 """The container runtime contract: what the gateway needs from whatever runs desktops.
 
-Small on purpose (ensure an image, start, stop, inspect, list), so the use cases never see Docker's API.
+Small on purpose (ensure an image, start, stop, inspect, list, locate), so the use cases never see Docker's
+API, nor which runtime runs the desktops (one Docker engine, or a Docker Swarm: see :mod:`.choose`).
 A container that no longer exists is :attr:`ContainerState.GONE`, never an exception; an engine that does
 not answer raises :class:`EngineUnreachable`, which says nothing about any container.
 """
@@ -11,6 +12,8 @@ import dataclasses
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
+
+from desktop_gateway.runtime.pullprogress import PullProgress
 
 LABEL_PREFIX = "desktop-gateway."
 LABEL_MANAGED = LABEL_PREFIX + "managed"
@@ -59,6 +62,14 @@ class Mount:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Reservations:
+    """What a node must have free for a desktop to be placed there (memory in bytes, CPUs in 1e-9)."""
+
+    memory: int | None = None
+    nano_cpus: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ContainerSpec:
     name: str
     image: str
@@ -71,6 +82,9 @@ class ContainerSpec:
     nano_cpus: int | None = None
     shm_size: int = 512 * 1024 * 1024
     mounts: Sequence[Mount] = ()
+    # Only a runtime that places desktops on several machines (Swarm) uses these two.
+    constraints: Sequence[str] = ()
+    reservations: Reservations | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,16 +96,21 @@ class ContainerInfo:
 
 
 Progress = Callable[[str], None]
+Measured = Callable[[PullProgress], None]
 
 
 class ContainerRuntime(Protocol):
     instance: str
 
-    async def ensure_image(self, image: str, progress: Progress) -> None:
-        """Pull ``image`` unless the host has it, reporting progress; raise :class:`ImageUnavailable`."""
+    async def ensure_image(self, image: str, progress: Progress, measured: Measured | None = None) -> None:
+        """Pull ``image`` unless the host has it, reporting progress (as text to ``progress``, and as
+        layers and bytes to ``measured``, for a progress bar); raise :class:`ImageUnavailable`."""
 
     async def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; return its id. Leaves nothing behind when it raises."""
+
+    async def locate(self, container_id: str) -> str:
+        """The address at which the started container's published port is dialled (a host name or IP)."""
 
     async def stop(self, container_id: str) -> None:
         """Remove the container (its home volume stays). A container already gone is not an error."""

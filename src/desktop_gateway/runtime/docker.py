@@ -29,10 +29,12 @@ from desktop_gateway.runtime import (
     ContainerState,
     EngineUnreachable,
     ImageUnavailable,
+    Measured,
     PortTaken,
     Progress,
     RuntimeFailure,
 )
+from desktop_gateway.runtime.pullprogress import PullTally
 
 log = logging.getLogger("desktop_gateway.runtime")
 KASM_PORT = "6901/tcp"
@@ -45,7 +47,7 @@ def _being_removed(exc: DockerError) -> bool:
     return exc.status == 409 and "already in progress" in str(exc.message)
 
 
-def _failure(exc: DockerError, doing: str) -> RuntimeFailure:
+def failure(exc: DockerError, doing: str) -> RuntimeFailure:
     """What ``exc`` means to the gateway: the engine is unreachable, or it refused ``doing``."""
     if exc.status == NO_CONNECTION:
         return EngineUnreachable(UNREACHABLE)
@@ -53,7 +55,7 @@ def _failure(exc: DockerError, doing: str) -> RuntimeFailure:
 
 
 @contextlib.contextmanager
-def _answering() -> Iterator[None]:
+def answering() -> Iterator[None]:
     """Translate a lost or refused connection to the engine, wherever it surfaces, into EngineUnreachable."""
     try:
         yield
@@ -73,38 +75,51 @@ def _state(raw: str) -> ContainerState:
     return ContainerState.EXITED
 
 
-def _port_taken(exc: DockerError) -> bool:
-    text = str(exc.message).lower()
+def port_taken(message: str) -> bool:
+    """Whether the engine's ``message`` says that a host port is already bound."""
+    text = message.lower()
     return "port is already allocated" in text or "address already in use" in text
 
 
 class DockerRuntime:
-    def __init__(self, url: str, instance: str, tls: ssl.SSLContext | None = None) -> None:
+    """Desktops as containers on one engine. ``host``: where the gateway dials their published ports."""
+
+    def __init__(
+        self, url: str, instance: str, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.instance = instance
+        self.host = host
         self._docker = aiodocker.Docker(url=url, ssl_context=tls)
 
+    async def locate(self, container_id: str) -> str:
+        """Every container runs on the one engine, reached at ``host``."""
+        return self.host
+
     async def ping(self) -> str:
-        with metrics.docker_call("ping"), _answering():
+        with metrics.docker_call("ping"), answering():
             version: dict[str, Any] = await self._docker.version()
             return str(version.get("Version", "unknown"))
 
     async def has_image(self, image: str) -> bool:
         try:
-            with _answering():
+            with answering():
                 await self._docker.images.inspect(image)
         except DockerError as exc:
             if exc.status != 404:
-                raise _failure(exc, f"look up the image {image}") from exc
+                raise failure(exc, f"look up the image {image}") from exc
             return False
         return True
 
-    async def ensure_image(self, image: str, progress: Progress) -> None:
-        with metrics.docker_call("ensure_image"), _answering():
+    async def ensure_image(self, image: str, progress: Progress, measured: Measured | None = None) -> None:
+        with metrics.docker_call("ensure_image"), answering():
             if await self.has_image(image):
                 return
             progress(f"pulling {image}")
+            tally = PullTally()
             try:
                 async for line in self._docker.images.pull(image, stream=True):
+                    if measured is not None:
+                        measured(tally.add(line))
                     if "error" in line:
                         raise ImageUnavailable(f"the image {image} could not be pulled: {line['error']}")
                     status = line.get("status")
@@ -152,56 +167,56 @@ class DockerRuntime:
         }
 
     async def start(self, spec: ContainerSpec) -> str:
-        with metrics.docker_call("start"), _answering():
+        with metrics.docker_call("start"), answering():
             # A container of this name is ours and stale (an interrupted start): its desktop starts anew.
             await self.stop(spec.name)
             try:
                 container = await self._docker.containers.create(self._config(spec), name=spec.name)
             except DockerError as exc:
-                raise _failure(exc, "create the container") from exc
+                raise failure(exc, "create the container") from exc
             try:
                 await container.start()
             except DockerError as exc:
                 with contextlib.suppress(DockerError):
                     await container.delete(force=True)
-                if _port_taken(exc):
+                if port_taken(str(exc.message)):
                     raise PortTaken(f"host port {spec.host_port} is taken") from exc
-                raise _failure(exc, "start the container") from exc
+                raise failure(exc, "start the container") from exc
             return str(container.id)
 
     async def stop(self, container_id: str) -> None:
-        with metrics.docker_call("stop"), _answering():
+        with metrics.docker_call("stop"), answering():
             try:
                 await self._docker.containers.container(container_id).delete(force=True)
             except DockerError as exc:
                 if exc.status != 404 and not _being_removed(exc):
-                    raise _failure(exc, "remove the container") from exc
+                    raise failure(exc, "remove the container") from exc
 
     async def inspect(self, container_id: str) -> ContainerState:
-        with metrics.docker_call("inspect"), _answering():
+        with metrics.docker_call("inspect"), answering():
             try:
                 data = await self._docker.containers.container(container_id).show()
             except DockerError as exc:
                 if exc.status == 404:
                     return ContainerState.GONE
-                raise _failure(exc, "inspect the container") from exc
+                raise failure(exc, "inspect the container") from exc
             return _state(str(data.get("State", {}).get("Status", "")))
 
     async def stops_within(self, container_id: str, seconds: float) -> bool:
         try:
-            with _answering():
+            with answering():
                 async with asyncio.timeout(seconds):
                     await self._docker.containers.container(container_id).wait(condition="not-running")
         except TimeoutError:
             return False
         except DockerError as exc:
             if exc.status != 404:
-                raise _failure(exc, "wait for the container") from exc
+                raise failure(exc, "wait for the container") from exc
         return True
 
     async def list(self) -> list[ContainerInfo]:
         filters = f'{{"label": ["{LABEL_MANAGED}=true", "{LABEL_INSTANCE}={self.instance}"]}}'
-        with metrics.docker_call("list"), _answering():
+        with metrics.docker_call("list"), answering():
             containers = await self._docker.containers.list(all=True, filters=filters)
         infos = []
         for c in containers:

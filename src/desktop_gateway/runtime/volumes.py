@@ -33,7 +33,7 @@ from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
 from desktop_gateway.runtime import LABEL_INSTANCE, LABEL_PREFIX, RuntimeFailure
-from desktop_gateway.runtime.docker import _answering, _failure
+from desktop_gateway.runtime.docker import answering, failure
 
 LABEL_HELPER = LABEL_PREFIX + "files-helper"
 LABEL_CLOSED = LABEL_PREFIX + "closed-handin"
@@ -111,7 +111,7 @@ class Helper:
     async def stream(self, argv: Sequence[str]) -> AsyncIterator[bytes]:
         """The command's standard output as it comes; :class:`Refused` (before any output) or
         :class:`RuntimeFailure` (at the end) when it fails."""
-        with _answering():
+        with answering():
             execution = await self.container.exec(list(argv), stdout=True, stderr=True)
             errors = bytearray()
             async with execution.start(detach=False) as output:
@@ -207,18 +207,18 @@ class Volumes:
             "HostConfig": {"NetworkMode": "none", "Mounts": mounts, "AutoRemove": True},
         }
         name = f"dg-files-{self.instance}-{secrets.token_hex(6)}"
-        with _answering():
+        with answering():
             try:
                 container = await self._docker.containers.create(config, name=name)
                 await container.start()
             except DockerError as exc:
                 with contextlib.suppress(DockerError):
                     await self._docker.containers.container(name).delete(force=True)
-                raise _failure(exc, "start the file helper") from exc
+                raise failure(exc, "start the file helper") from exc
         try:
             yield Helper(container)
         finally:
-            with contextlib.suppress(DockerError), _answering():
+            with contextlib.suppress(DockerError), answering():
                 await container.delete(force=True)
 
     # --- hand-in closure ------------------------------------------------------------------------
@@ -226,18 +226,18 @@ class Volumes:
     async def closed_groups(self) -> frozenset[str]:
         """The groups whose hand-in is closed (their marker volumes)."""
         filters = {"label": [f"{LABEL_INSTANCE}={self.instance}", LABEL_CLOSED]}
-        with _answering():
+        with answering():
             try:
                 found = await self._docker.volumes.list(filters=filters)  # type: ignore[no-untyped-call]
             except DockerError as exc:
-                raise _failure(exc, "list the volumes") from exc
+                raise failure(exc, "list the volumes") from exc
         return frozenset(
             str(v["Labels"][LABEL_CLOSED]) for v in found.get("Volumes") or () if v.get("Labels")
         )
 
     async def set_closed(self, marker: str, group: str, closed: bool) -> None:
         """Record (or remove) the marker that ``group``'s hand-in is closed."""
-        with _answering():
+        with answering():
             try:
                 if closed:
                     labels = {LABEL_INSTANCE: self.instance, LABEL_CLOSED: group}
@@ -249,7 +249,7 @@ class Volumes:
                     await volume.delete()
             except DockerError as exc:
                 if exc.status != 404:
-                    raise _failure(exc, "record the hand-in's state") from exc
+                    raise failure(exc, "record the hand-in's state") from exc
 
     async def lock(self, image: str, volumes: Sequence[str], locked: bool) -> None:
         """Make every file in ``volumes`` root's and unwritable (``locked``), or uid 1000's again."""
@@ -312,13 +312,13 @@ class Volumes:
             if quota and used + size > quota:
                 raise OverQuota(used, quota)
             try:
-                with _answering():
+                with answering():
                     try:
                         await helper.container.put_archive(  # type: ignore[no-untyped-call]
                             path_in(folder), tar_stream(hidden, size, chunks)
                         )
                     except DockerError as exc:
-                        raise _failure(exc, "store the file") from exc
+                        raise failure(exc, "store the file") from exc
                 await helper.script(_RENAME, path_in(folder), hidden, name)
             except BaseException:
                 with contextlib.suppress(RuntimeFailure, DockerError):

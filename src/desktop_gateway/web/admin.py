@@ -168,50 +168,91 @@ def _grant_json(grant: grants.GrantView) -> dict[str, Any]:
     }
 
 
+class GrantRefused(Exception):
+    """A grant that cannot be made; :attr:`reason` says why (the API and the page say it in their words)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # UNKNOWN_TYPE, BAD_GROUP or UNKNOWN_USER
+
+
+UNKNOWN_TYPE, BAD_GROUP, UNKNOWN_USER = "unknown_type", "bad_group", "unknown_user"
+
+
+async def grant_type(
+    gateway: Gateway, type_name: object, *, group: object = None, username: object = None, caller: str
+) -> grants.GrantView:
+    """Grant a configured type to a group (its short name, ``act``) or to a known user, and audit it;
+    :class:`GrantRefused` (nothing stored) for an unknown type, an empty or over-long group name, or a
+    user who has never signed in (:class:`~desktop_gateway.desktops.InvalidUser` for a name no one can
+    have). Exactly one of ``group`` and ``username`` must be given.
+
+    The admin API and the admin page both grant through this."""
+    if not isinstance(type_name, str) or type_name not in gateway.desktop_types:
+        known = ", ".join(sorted(gateway.desktop_types)) or "none are configured"
+        raise GrantRefused(UNKNOWN_TYPE, f"desktop_type must be one of the configured types ({known})")
+    if group is not None and (not isinstance(group, str) or not group.strip() or len(group) > 64):
+        raise GrantRefused(BAD_GROUP, "group is a group's short name (act), at most 64 characters")
+    async with gateway.sessions() as db:
+        user_id = None
+        if username is not None:
+            name = normalise_username(username)  # InvalidUser for a name no one can have
+            granted = await find_user(db, name)
+            if granted is None:
+                raise GrantRefused(UNKNOWN_USER, f"no user is called {name!r}; they must sign in once first")
+            user_id = granted.id
+        grant_id = await grants.add_grant(
+            db, type_name, group=group if isinstance(group, str) else None, user_id=user_id, by=caller[:100]
+        )
+        await db.commit()
+        (found,) = await grants.list_grants(db, grant_id)
+    whom = f"group {found.group}" if found.group else f"user {found.user}"
+    gateway.audit.record("grant", found.user, None, f"{type_name} to {whom} by {caller}")
+    return found
+
+
+async def ungrant(gateway: Gateway, grant_id: int | None, caller: str) -> grants.GrantView | None:
+    """Remove a grant and audit it; what it was, or ``None`` if there is none (the API and the page)."""
+    async with gateway.sessions() as db:
+        removed = await grants.remove_grant(db, grant_id) if grant_id is not None else None
+        await db.commit()
+    if removed is not None:
+        whom = f"group {removed.group}" if removed.group else f"user {removed.user}"
+        gateway.audit.record("ungrant", removed.user, None, f"{removed.desktop_type} from {whom} by {caller}")
+    return removed
+
+
+GRANT_PROBLEMS = {
+    UNKNOWN_TYPE: (422, "Unknown desktop type"),
+    BAD_GROUP: (422, "Invalid grant"),
+    UNKNOWN_USER: (404, "User not found"),
+}
+
+
 async def add_type_grant(request: Request, gateway: Gateway, caller: str) -> Response:
     """``{"desktop_type": "...", "group": "5a"}`` or ``{"desktop_type": "...", "user": "kate.meyer"}``."""
     data = await read_json(request)
     if isinstance(data, Response):
         return data
-    type_name, group, username = data.get("desktop_type"), data.get("group"), data.get("user")
+    group, username = data.get("group"), data.get("user")
     if set(data) - {"desktop_type", "group", "user"} or (group is None) == (username is None):
         return problem(422, "Invalid grant", "send desktop_type and exactly one of group or user")
-    if not isinstance(type_name, str) or type_name not in gateway.desktop_types:
-        known = ", ".join(sorted(gateway.desktop_types)) or "none are configured"
-        return problem(
-            422, "Unknown desktop type", f"desktop_type must be one of the configured types ({known})"
+    try:
+        found = await grant_type(
+            gateway, data.get("desktop_type"), group=group, username=username, caller=caller
         )
-    if group is not None and (not isinstance(group, str) or not group.strip() or len(group) > 64):
-        return problem(422, "Invalid grant", "group is a group's short name (act), at most 64 characters")
-    async with gateway.sessions() as db:
-        user_id = None
-        if username is not None:
-            name = normalise_username(username)
-            granted = await find_user(db, name)
-            if granted is None:
-                return problem(
-                    404, "User not found", f"no user is called {name!r}; they must sign in once first"
-                )
-            user_id = granted.id
-        grant_id = await grants.add_grant(db, type_name, group=group, user_id=user_id, by=caller[:100])
-        await db.commit()
-        (found,) = await grants.list_grants(db, grant_id)
-    whom = f"group {found.group}" if found.group else f"user {found.user}"
-    gateway.audit.record("grant", found.user, None, f"{type_name} to {whom} by {caller}")
+    except GrantRefused as exc:
+        status, title = GRANT_PROBLEMS[exc.reason]
+        return problem(status, title, str(exc))
     return JSONResponse(
-        _grant_json(found), status_code=201, headers={"Location": f"/api/v1/grants/{grant_id}"}
+        _grant_json(found), status_code=201, headers={"Location": f"/api/v1/grants/{found.id}"}
     )
 
 
 async def remove_type_grant(request: Request, gateway: Gateway, caller: str) -> Response:
-    grant_id = _int(request.path_params["grant_id"])
-    async with gateway.sessions() as db:
-        removed = await grants.remove_grant(db, grant_id) if grant_id is not None else None
-        await db.commit()
+    removed = await ungrant(gateway, _int(request.path_params["grant_id"]), caller)
     if removed is None:
         return problem(404, "Grant not found", "there is no grant with that id")
-    whom = f"group {removed.group}" if removed.group else f"user {removed.user}"
-    gateway.audit.record("ungrant", removed.user, None, f"{removed.desktop_type} from {whom} by {caller}")
     return JSONResponse(_grant_json(removed))
 
 

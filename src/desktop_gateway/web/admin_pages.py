@@ -37,7 +37,7 @@ NO_OVERRIDE = "none"  # the role override's choice "as the sign-in says"
 STOPPABLE = (DesktopState.STARTING, DesktopState.RUNNING, DesktopState.STOPPING)
 
 
-def _admin(request: Request, change: bool) -> Identity | Response:
+def signed_in_admin(request: Request, change: bool) -> Identity | Response:
     """The signed-in admin, or the page that says why not (a post also needs the gateway's Origin)."""
     gateway: Gateway = request.state.gateway
     who: Identity | None = request.scope.get("identity")
@@ -77,7 +77,7 @@ def _last_input(gateway: Gateway, d: desktops.AdminDesktop) -> dt.datetime | Non
 
 
 async def admin_page(request: Request) -> Response:
-    who = _admin(request, change=False)
+    who = signed_in_admin(request, change=False)
     if isinstance(who, Response):
         return who
     gateway: Gateway = request.state.gateway
@@ -106,6 +106,7 @@ async def admin_page(request: Request) -> Response:
         notice = i18n.t("admin.saved")
     return render(
         "admin.html",
+        section="desktops",
         me=who.username,
         desktops=rows,
         users=users,
@@ -134,7 +135,7 @@ def _back(**query: object) -> Response:
 
 
 async def stop_one(request: Request) -> Response:
-    who = _admin(request, change=True)
+    who = signed_in_admin(request, change=True)
     if isinstance(who, Response):
         return who
     gateway: Gateway = request.state.gateway
@@ -149,7 +150,7 @@ async def stop_one(request: Request) -> Response:
 
 async def stop_idle(request: Request) -> Response:
     """Stop every running desktop without input for :data:`IDLE_AFTER` seconds."""
-    who = _admin(request, change=True)
+    who = signed_in_admin(request, change=True)
     if isinstance(who, Response):
         return who
     gateway: Gateway = request.state.gateway
@@ -166,10 +167,10 @@ async def stop_idle(request: Request) -> Response:
 
 async def stop_all(request: Request) -> Response:
     """Stop every desktop that runs or is on its way; only when the form's confirmation box is ticked."""
-    who = _admin(request, change=True)
+    who = signed_in_admin(request, change=True)
     if isinstance(who, Response):
         return who
-    form = await _form(request)
+    form = await admin_form(request)
     if isinstance(form, Response):
         return form
     if form.get("confirm") != "yes":
@@ -181,7 +182,7 @@ async def stop_all(request: Request) -> Response:
     return _back(stopped=await _stop_each(gateway, active, who.username))
 
 
-async def _form(request: Request) -> dict[str, str] | Response:
+async def admin_form(request: Request) -> dict[str, str] | Response:
     form = await read_form(request)
     return message(413, "admin.cannot", "page.form_too_large") if form is None else form
 
@@ -199,10 +200,10 @@ async def _stop_each(gateway: Gateway, desktop_ids: list[str], caller: str) -> i
 async def change_user(request: Request) -> Response:
     """A person's role override (``role_override``: a role, or ``none`` for the provider's) or block
     (``blocked``: ``yes`` or ``no``), one form each."""
-    who = _admin(request, change=True)
+    who = signed_in_admin(request, change=True)
     if isinstance(who, Response):
         return who
-    form = await _form(request)
+    form = await admin_form(request)
     if isinstance(form, Response):
         return form
     change: dict[str, object] = {}

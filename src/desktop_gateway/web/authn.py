@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from desktop_gateway import metrics
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity, cookie_from_header, identify
+from desktop_gateway.web.static import PREFIX as STATIC_PREFIX
 
 # Whether the development sign-in is on, for the pages of the request being served to show a banner.
 dev_login_on: contextvars.ContextVar[bool] = contextvars.ContextVar("dev_login_on", default=False)
@@ -29,7 +30,8 @@ class BrowserIdentity:
             gateway: Gateway = scope["state"]["gateway"]
             dev_login_on.set(gateway.settings.dev_login)
             cookie = cookie_from_header(Headers(scope=scope).get("cookie"), gateway.settings.secure_cookies)
-            if cookie is not None:
+            # Static files are for anyone: no database lookup for each of the viewer's many modules.
+            if cookie is not None and not scope["path"].startswith(STATIC_PREFIX):
                 scope["identity"] = await _identify(gateway, cookie)
         await self.app(scope, receive, send)
 

@@ -112,7 +112,8 @@ async def home(request: Request) -> Response:
         return render("home.html", person=None, sign_in=gateway.provider is not None)
     cards, _ = await person_cards(gateway, who, i18n.current.get())
     person = {"username": who.username, "display_name": who.display_name, "role": who.role.value}
-    return render("home.html", person=person, types=cards)
+    icons = {t.name: t.icon_url for t in gateway.desktop_types.values()}
+    return render("home.html", person=person, types=cards, icons=icons)
 
 
 async def events(request: Request) -> Response:

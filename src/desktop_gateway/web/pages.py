@@ -16,14 +16,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from desktop_gateway import closepolicy, desktops, identity, launch, metrics
+from desktop_gateway import closepolicy, desktops, identity, launch, metrics, watches
 from desktop_gateway.db.models import Desktop, DesktopState, User, utcnow
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.identity import Identity
 from desktop_gateway.launcher import stop_deadline
 from desktop_gateway.origins import origin_allowed, public_base
 from desktop_gateway.settings import Settings
-from desktop_gateway.web import i18n
+from desktop_gateway.web import i18n, static
 from desktop_gateway.web.authn import dev_login_on
 
 log = logging.getLogger("desktop_gateway.pages")
@@ -47,10 +47,11 @@ LAUNCHABLE = (DesktopState.STARTING, DesktopState.RUNNING)
 
 def page_policy(nonce: str) -> str:
     """The Content-Security-Policy of an HTML page: its own inline script and style (by ``nonce``), and
-    otherwise only the gateway's own origin; the viewer frames the desktop's noVNC, also the gateway's."""
+    otherwise only the gateway's own origin (the viewer's noVNC modules are the gateway's, its WebSocket
+    too; noVNC draws its cursor from a data: image)."""
     return (
         f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'nonce-{nonce}'; "
-        "img-src 'self' data:; connect-src 'self'; frame-src 'self'; object-src 'none'; "
+        "img-src 'self' data:; connect-src 'self'; frame-src 'none'; object-src 'none'; "
         "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
     )
 
@@ -89,7 +90,8 @@ def message(
 
 
 def framed_in_viewer(response: Response) -> Response:
-    """Let the viewer page show ``response`` in its frame (where noVNC would be): same-origin framing."""
+    """Let a page of the gateway's origin frame ``response`` (the desktop's own client, which the viewer
+    used to frame): same-origin framing."""
     response.headers["X-Frame-Options"] = "SAMEORIGIN"
     policy = response.headers.get("Content-Security-Policy", "")
     response.headers["Content-Security-Policy"] = policy.replace(
@@ -189,19 +191,28 @@ async def owned_desktop(request: Request) -> desktops.RelayTarget | HTMLResponse
     return found
 
 
+# Close reasons after which the viewer does not connect again by itself although their code (1001) is
+# one it retries: the desktop is gone, and only starting it again helps.
+FINAL_CLOSE_REASONS = (closepolicy.DESKTOP_STOPPED.reason, closepolicy.NOT_RUNNING.reason)
+
+
 async def viewer_page(request: Request) -> Response:
+    """The signed-in owner's viewer: the gateway's own page around the bundled noVNC, connected to the
+    desktop's WebSocket on this origin."""
     found = await owned_desktop(request)
     if isinstance(found, Response):
         return found
+    novnc = static.novnc_base()
+    if novnc is None:
+        return message(503, "viewer.missing_heading", "viewer.missing")
     name = found.name
-    viewer_src = (
-        f"/desktop/{name}/vnc.html?autoconnect=1&resize=remote&reconnect=1&path=desktop/{name}/websockify"
-    )
     return render(
         "viewer.html",
         desktop_name=name,
-        viewer_src=viewer_src,
+        novnc_base=novnc,
+        websocket_path=f"/desktop/{name}/websockify",
         status_url=f"/status/{name}",
+        final_reasons=FINAL_CLOSE_REASONS,
         sentences=viewer_sentences(request.state.gateway.settings, i18n.current.get()),
     )
 
@@ -235,8 +246,10 @@ async def desktop_status(request: Request) -> Response:
         desktop = (
             await db.execute(select(Desktop).where(Desktop.name == request.path_params["name"]))
         ).scalar()
-    if desktop is None or desktop.user_id != who.user_id:
-        return JSONResponse({"error": "no such desktop"}, status_code=404, headers=PAGE_HEADERS)
+        if desktop is None or desktop.user_id != who.user_id:
+            return JSONResponse({"error": "no such desktop"}, status_code=404, headers=PAGE_HEADERS)
+        # The owner is told while anyone watches (a teacher, view-only): never watched unknowingly.
+        watched = desktop.state == DesktopState.RUNNING and await watches.watching(db, desktop.id) > 0
     body: dict[str, object] = {
         "state": desktop.state,
         "failure_reason": desktop.failure_reason,
@@ -244,6 +257,7 @@ async def desktop_status(request: Request) -> Response:
         "stop_reason": None,
         "stop_kind": None,
         "warning": False,
+        "watched": watched,
     }
     if desktop.state == DesktopState.RUNNING and desktop.container_id is not None:
         last = gateway.launcher.last_input(desktop.id, desktop.last_activity_at)
