@@ -98,6 +98,7 @@ PAGES = [
     PageState("viewer", "/desktop/{own_desktop}", STUDENT, ready="!!document.getElementById('screen')"),
     PageState("class", f"/class/{CLASS}", TEACHER, ready="document.querySelectorAll('.tile').length === 2"),
     PageState("watch", f"/class/{CLASS}/watch/{{own_desktop}}", TEACHER),
+    PageState("files", "/files", STUDENT, ready="document.querySelectorAll('#spaces li').length > 0"),
     PageState("message-401", "/admin", status=401),
     PageState("message-403", "/admin", STUDENT, status=403),
     PageState("message-404", "/desktop/{others_desktop}", STUDENT, status=404),
