@@ -97,14 +97,15 @@ async def engine(runtime_engine: Engine, instance: str) -> AsyncIterator[Engine]
 
 
 async def remove_instance(name: str) -> None:
-    """Remove the containers and home volumes of the gateway instance ``name``."""
+    """Remove the containers, home volumes and group folders (shared, hand-in) of the gateway instance
+    ``name``."""
     async with aiodocker.Docker() as docker:
         for container in await docker.containers.list(
             all=True, filters=json.dumps({"label": [f"{LABEL_INSTANCE}={name}"]})
         ):
             await container.delete(force=True)
     for volume in (await docker_cli("volume", "ls", "-q")).split():
-        if volume.startswith(f"dg-home-{name}-"):
+        if volume.startswith(tuple(f"dg-{kind}-{name}-" for kind in ("home", "shared", "handin", "closed"))):
             await docker_cli("volume", "rm", volume)
 
 
