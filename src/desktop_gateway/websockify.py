@@ -293,6 +293,15 @@ async def _dial_and_relay(
         # The browser gets the container's choice only if it offered it (noVNC >= 1.2 offers none, and a
         # browser fails a handshake that names a subprotocol it did not offer).
         await websocket.accept(conn.subprotocol if conn.subprotocol in offered else None)
+    except Exception as exc:
+        # The browser left while the desktop was being dialled (a tab closed): nothing to relay or tell.
+        conn.transport.abort()
+        log.info("browser left before the relay began: user=%s desktop=%s (%s)", username, name, exc)
+        return
+    except BaseException:
+        conn.transport.abort()
+        raise
+    try:
         # Plain calls rather than a context manager: the relay's frame lives for hours, and every
         # object it holds is memory per open desktop.
         metrics.relay_opened()
