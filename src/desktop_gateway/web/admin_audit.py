@@ -36,6 +36,15 @@ KINDS = (
     "pull",
     "watch",
     "watch-end",
+    "start-failed",
+    "connect-failed",
+    "login-failed",
+    "files-upload",
+    "files-download",
+    "files-mkdir",
+    "files-delete",
+    "handin-close",
+    "handin-reopen",
 )
 MAX_PAGE = 1_000_000
 FIELDS = ("user", "desktop", "kind", "from", "to")
