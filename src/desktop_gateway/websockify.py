@@ -150,10 +150,11 @@ async def _serve(gateway: Gateway, websocket: WebSocket, watch: bool) -> None:
     if not decision.allowed:
         await deny(closepolicy.NOT_ALLOWED_TYPE, f"type {found.desktop_type} not allowed")
         return
-    if found.state == DesktopState.STARTING:
-        await deny(closepolicy.STILL_STARTING, "desktop is still starting")
+    refusal = _not_running(found)
+    if refusal is not None:
+        await deny(*refusal)
         return
-    if found.state != DesktopState.RUNNING or found.target is None:
+    if found.target is None:
         await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
         return
 
@@ -172,6 +173,16 @@ async def _serve(gateway: Gateway, websocket: WebSocket, watch: bool) -> None:
         await _dial_and_relay(gateway, websocket, found, found.target, identity, handle)
     finally:
         gateway.hub.discard(handle)
+
+
+def _not_running(found: desktops.RelayTarget) -> tuple[Close, str] | None:
+    """Why a desktop cannot be relayed now (still starting, or not running) and the log's cause; None
+    while it runs. The owner's relays and a watcher's are refused alike."""
+    if found.state == DesktopState.STARTING:
+        return closepolicy.STILL_STARTING, "desktop is still starting"
+    if found.state != DesktopState.RUNNING:
+        return closepolicy.NOT_RUNNING, f"desktop is {found.state.value}"
+    return None
 
 
 async def _watch(
@@ -196,11 +207,9 @@ async def _watch(
     if not decision.allowed:
         await deny(closepolicy.NOT_WATCHER, f"may not watch: {decision.why}")
         return
-    if found.state == DesktopState.STARTING:
-        await deny(closepolicy.STILL_STARTING, "desktop is still starting")
-        return
-    if found.state != DesktopState.RUNNING:
-        await deny(closepolicy.NOT_RUNNING, f"desktop is {found.state.value}")
+    refusal = _not_running(found)
+    if refusal is not None:
+        await deny(*refusal)
         return
     if found.target is None:
         await deny(closepolicy.NOT_WATCHABLE, "desktop has no view-only account")

@@ -16,7 +16,7 @@ from desktop_gateway import grants
 from desktop_gateway.desktops import InvalidUser
 from desktop_gateway.gateway import Gateway
 from desktop_gateway.web.admin import BAD_GROUP, UNKNOWN_TYPE, UNKNOWN_USER, GrantRefused, grant_type, ungrant
-from desktop_gateway.web.admin_pages import admin_form, signed_in_admin
+from desktop_gateway.web.admin_pages import admin_post, signed_in_admin
 from desktop_gateway.web.pages import PAGE_HEADERS, render
 
 # What the page says about a refused grant (its fields kept, nothing stored).
@@ -57,12 +57,10 @@ async def grants_page(request: Request) -> Response:
 
 async def add(request: Request) -> Response:
     """Grant ``desktop_type`` to ``whom`` (``group`` or ``user``) called ``name``."""
-    who = signed_in_admin(request, change=True)
-    if isinstance(who, Response):
-        return who
-    form = await admin_form(request)
-    if isinstance(form, Response):
-        return form
+    posted = await admin_post(request)
+    if isinstance(posted, Response):
+        return posted
+    who, form = posted
     whom, name = form.get("whom"), form.get("name", "")
     if whom not in WHOM:
         return await _page(request, 422, "grants.choose_whom", form)
@@ -87,12 +85,10 @@ async def add(request: Request) -> Response:
 
 async def remove(request: Request) -> Response:
     """Remove one grant; only when the row's confirmation box is ticked."""
-    who = signed_in_admin(request, change=True)
-    if isinstance(who, Response):
-        return who
-    form = await admin_form(request)
-    if isinstance(form, Response):
-        return form
+    posted = await admin_post(request)
+    if isinstance(posted, Response):
+        return posted
+    who, form = posted
     if form.get("confirm") != "yes":
         return await _page(request, 422, "grants.confirm_first")
     raw = request.path_params["grant_id"]

@@ -167,12 +167,10 @@ async def stop_idle(request: Request) -> Response:
 
 async def stop_all(request: Request) -> Response:
     """Stop every desktop that runs or is on its way; only when the form's confirmation box is ticked."""
-    who = signed_in_admin(request, change=True)
-    if isinstance(who, Response):
-        return who
-    form = await admin_form(request)
-    if isinstance(form, Response):
-        return form
+    posted = await admin_post(request)
+    if isinstance(posted, Response):
+        return posted
+    who, form = posted
     if form.get("confirm") != "yes":
         return message(422, "admin.cannot", "admin.confirm_first", link=("/admin", "admin.back"))
     gateway: Gateway = request.state.gateway
@@ -182,9 +180,16 @@ async def stop_all(request: Request) -> Response:
     return _back(stopped=await _stop_each(gateway, active, who.username))
 
 
-async def admin_form(request: Request) -> dict[str, str] | Response:
+async def admin_post(request: Request) -> tuple[Identity, dict[str, str]] | Response:
+    """The admin posting a form (from the gateway's own Origin) and its fields; else the page that says
+    why not, the form too large among the reasons."""
+    who = signed_in_admin(request, change=True)
+    if isinstance(who, Response):
+        return who
     form = await read_form(request)
-    return message(413, "admin.cannot", "page.form_too_large") if form is None else form
+    if form is None:
+        return message(413, "admin.cannot", "page.form_too_large")
+    return who, form
 
 
 async def _stop_each(gateway: Gateway, desktop_ids: list[str], caller: str) -> int:
@@ -200,12 +205,10 @@ async def _stop_each(gateway: Gateway, desktop_ids: list[str], caller: str) -> i
 async def change_user(request: Request) -> Response:
     """A person's role override (``role_override``: a role, or ``none`` for the provider's) or block
     (``blocked``: ``yes`` or ``no``), one form each."""
-    who = signed_in_admin(request, change=True)
-    if isinstance(who, Response):
-        return who
-    form = await admin_form(request)
-    if isinstance(form, Response):
-        return form
+    posted = await admin_post(request)
+    if isinstance(posted, Response):
+        return posted
+    who, form = posted
     change: dict[str, object] = {}
     role, blocked = form.get("role_override"), form.get("blocked")
     if role is not None:

@@ -60,8 +60,8 @@ async def members(gateway: Gateway, group: str) -> list[Member]:
     async with gateway.sessions() as db:
         students = [
             u
-            for u in await people.list_users(db)
-            if act in person_of(u).groups and person_of(u).role is Role.STUDENT
+            for u, person in ((u, person_of(u)) for u in await people.list_users(db))
+            if act in person.groups and person.role is Role.STUDENT
         ]
         ids = [u.id for u in students]
         rows = (
